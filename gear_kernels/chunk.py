@@ -1,0 +1,171 @@
+"""Compress and decompress one KV chunk: X ~ D (quantized) + S (outliers) + L (low-rank).
+
+A chunk is (batch, kv_heads, tokens, head_dim); each (batch row, head) slice is compressed on
+its own. DESIGN.md section 2 gives the semantics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from .config import GearConfig
+from .lowrank import power_iteration
+from .outliers import index_dtype, select_outliers
+from .packing import pack, unpack
+from .quantize import dequantize, quantize
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KINDS = ("key", "value")
+
+
+def grouping(kind: str, backbone: str, group_size: int, tokens: int, head_dim: int) -> tuple[bool, int]:
+    """(per_channel, group): whether groups run along tokens (one channel) or along channels
+    (one token), and how many entries a group holds."""
+    if backbone == "kivi":
+        return (True, group_size) if kind == "key" else (False, group_size)
+    if backbone == "kcvt":
+        return (True, tokens) if kind == "key" else (False, head_dim)
+    return False, group_size  # flexgen: keys and values per token
+
+
+@dataclass
+class CompressedChunk:
+    """Only the stored tensors, plus the few integers needed to read them back.
+
+    codes: (batch, heads, words) packed codes of the chunk in (tokens, head_dim) order.
+    scale, zero: fp16, (batch, heads, head_dim, n_groups) when per_channel (groups along
+    tokens) else (batch, heads, tokens, n_groups).
+    outlier_values (batch, heads, n) in the input dtype; outlier_index (batch, heads, n) flat
+    positions in the (tokens, head_dim) slice.
+    lowrank_a (batch, heads, tokens, r) and lowrank_b (batch, heads, head_dim, r), fp16.
+    exact: the input itself, for method none.
+    """
+
+    shape: tuple[int, int, int, int]
+    dtype: torch.dtype
+    bits: int
+    per_channel: bool
+    group: int
+    codes: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    outlier_values: torch.Tensor | None = None
+    outlier_index: torch.Tensor | None = None
+    lowrank_a: torch.Tensor | None = None
+    lowrank_b: torch.Tensor | None = None
+    exact: torch.Tensor | None = None
+
+    COMPONENTS = {
+        "codes": ("codes",),
+        "scales": ("scale", "zero"),
+        "outliers": ("outlier_values", "outlier_index"),
+        "lowrank": ("lowrank_a", "lowrank_b"),
+        "exact": ("exact",),
+    }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+
+    def nbytes(self, by_component: bool = False) -> int | dict[str, int]:
+        """Bytes actually stored, in total or by component."""
+        stored = {name: t.numel() * t.element_size() for name, t in self.tensors().items()}
+        parts = {c: sum(stored.get(n, 0) for n in names) for c, names in self.COMPONENTS.items()}
+        return parts if by_component else sum(parts.values())
+
+    def select_rows(self, index: torch.Tensor) -> "CompressedChunk":
+        """The chunk of the batch rows `index` (beam search reorders rows with it)."""
+        moved = {name: t.index_select(0, index.to(t.device)) for name, t in self.tensors().items()}
+        shape = (len(index),) + tuple(self.shape[1:])
+        return CompressedChunk(shape, self.dtype, self.bits, self.per_channel, self.group, **moved)
+
+
+def _check_input(x: torch.Tensor, kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is invalid: allowed 'key' or 'value'")
+    if x.dim() != 4:
+        raise ValueError(f"expected (batch, kv_heads, tokens, head_dim), got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"cannot compress an empty chunk of shape {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"dtype {x.dtype} is not supported: use float32, float16 or bfloat16")
+
+
+def compress(x: torch.Tensor, config: GearConfig, kind: str, rank: int | None = None) -> CompressedChunk:
+    """x (batch, kv_heads, tokens, head_dim) -> CompressedChunk; rank defaults to the prompt rank.
+
+    NaN or Inf anywhere in x is refused with a ValueError: a non-finite entry would corrupt the
+    scale of its group and the low-rank factors of its whole slice.
+    """
+    _check_input(x, kind)
+    batch, heads, tokens, head_dim = x.shape
+    per_channel, group = grouping(kind, config.backbone, config.group_size, tokens, head_dim)
+    meta = dict(shape=tuple(x.shape), dtype=x.dtype, bits=config.bits, per_channel=per_channel, group=group)
+    if not config.compresses:
+        return CompressedChunk(**meta, exact=x.clone())
+    bad = (~torch.isfinite(x)).sum().item()
+    if bad:
+        raise ValueError(
+            f"{bad} NaN/Inf entries in the {kind} chunk of shape {tuple(x.shape)}: GEAR refuses "
+            "non-finite input (it would poison its neighbours); run the model in a wider dtype "
+            "(bfloat16 or float32) or use method=none"
+        )
+    rows = x.float().reshape(batch * heads, tokens * head_dim)  # one row per (batch, head) slice
+    parts: dict[str, torch.Tensor] = {}
+
+    exclude = torch.zeros_like(rows, dtype=torch.bool)
+    if config.uses_outliers:
+        index = select_outliers(rows, config.outlier_ratio)  # (rows, 2k)
+        exclude.scatter_(-1, index, True)
+        parts["outlier_values"] = x.reshape(batch * heads, -1).gather(-1, index).reshape(batch, heads, -1)
+        parts["outlier_index"] = index.to(index_dtype(tokens * head_dim)).reshape(batch, heads, -1)
+
+    grid = _to_groups(rows.reshape(batch, heads, tokens, head_dim), per_channel)
+    codes, scale, zero = quantize(grid, _to_groups(exclude.reshape(x.shape), per_channel), config.bits, group)
+    codes = _from_groups(codes, per_channel).reshape(batch, heads, -1)
+    parts.update(codes=pack(codes, config.bits), scale=scale, zero=zero)
+
+    r = config.rank_prompt if rank is None else rank
+    if config.uses_lowrank and r > 0:
+        approx = _from_groups(dequantize(_to_groups(unpack(parts["codes"], config.bits, tokens * head_dim)
+                                                    .reshape(x.shape), per_channel), scale, zero, group), per_channel)
+        residual = torch.where(exclude.reshape(x.shape), 0.0, rows.reshape(x.shape) - approx)
+        a, b = power_iteration(residual.reshape(-1, tokens, head_dim), r, config.power_iters, config.seed)
+        parts["lowrank_a"] = a.to(torch.float16).reshape(batch, heads, tokens, -1)
+        parts["lowrank_b"] = b.to(torch.float16).reshape(batch, heads, head_dim, -1)
+    return CompressedChunk(**meta, **parts)
+
+
+def decompress(chunk: CompressedChunk) -> torch.Tensor:
+    """CompressedChunk -> (batch, kv_heads, tokens, head_dim) in the input's dtype."""
+    if chunk.exact is not None:
+        return chunk.exact
+    batch, heads, tokens, head_dim = chunk.shape
+    codes = unpack(chunk.codes, chunk.bits, tokens * head_dim).reshape(chunk.shape)
+    out = _from_groups(dequantize(_to_groups(codes, chunk.per_channel), chunk.scale, chunk.zero, chunk.group),
+                       chunk.per_channel)
+    if chunk.lowrank_a is not None:
+        out = out + chunk.lowrank_a.float() @ chunk.lowrank_b.float().transpose(-1, -2)
+    out = out.to(chunk.dtype)
+    if chunk.outlier_values is not None:
+        flat = out.reshape(batch, heads, -1)
+        flat.scatter_(-1, chunk.outlier_index.long(), chunk.outlier_values)
+    return out
+
+
+def _to_groups(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """(batch, heads, tokens, head_dim) -> the layout whose last axis holds the groups."""
+    return x.transpose(-1, -2) if per_channel else x
+
+
+_from_groups = _to_groups  # the transpose is its own inverse
+
+
+def bits_per_element(chunk: CompressedChunk) -> float:
+    return 8 * chunk.nbytes() / math.prod(chunk.shape)

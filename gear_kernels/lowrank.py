@@ -1,0 +1,24 @@
+"""Low-rank approximation of the quantization residual by seeded power iteration."""
+
+from __future__ import annotations
+
+import torch
+
+
+def power_iteration(
+    residual: torch.Tensor, rank: int, iters: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual (rows, T, D) fp32 -> A (rows, T, r) orthonormal, B (rows, D, r); residual ~ A B^T.
+
+    The start is one seeded (D, r) matrix shared by every row, so a row's factors do not
+    depend on its batch neighbours (batch size 1 and N store the same bytes).
+    """
+    assert residual.dtype == torch.float32, "power iteration runs in fp32"
+    rank = min(rank, residual.shape[-2], residual.shape[-1])
+    generator = torch.Generator().manual_seed(seed)
+    b = torch.randn(residual.shape[-1], rank, generator=generator).to(residual.device)
+    b = b.expand(residual.shape[0], -1, -1)  # (rows, D, r)
+    for _ in range(iters):
+        a = torch.linalg.qr(residual @ b).Q  # (rows, T, r)
+        b = residual.transpose(-1, -2) @ a  # (rows, D, r)
+    return a, b
