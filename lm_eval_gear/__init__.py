@@ -1,0 +1,7 @@
+"""lm-eval-gear: GEAR-compressed KV caches for transformers models and the `gear-hf` lm-eval backend."""
+
+from gear_kernels import GearConfig
+
+from .cache import GearCache
+
+__all__ = ["GearCache", "GearConfig"]
