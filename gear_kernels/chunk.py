@@ -132,6 +132,8 @@ def compress(x: torch.Tensor, config: GearConfig, kind: str, rank: int | None = 
     parts.update(codes=pack(codes, config.bits), scale=scale, zero=zero)
 
     r = config.rank_prompt if rank is None else rank
+    if r < 0:
+        raise ValueError(f"rank={r} is invalid: allowed an integer >= 0")
     if config.uses_lowrank and r > 0:
         approx = _from_groups(dequantize(_to_groups(unpack(parts["codes"], config.bits, tokens * head_dim)
                                                     .reshape(x.shape), per_channel), scale, zero, group), per_channel)
@@ -152,11 +154,14 @@ def decompress(chunk: CompressedChunk) -> torch.Tensor:
                        chunk.per_channel)
     if chunk.lowrank_a is not None:
         out = out + chunk.lowrank_a.float() @ chunk.lowrank_b.float().transpose(-1, -2)
-    out = out.to(chunk.dtype)
+    # The scale is rounded up, so the top code of a group reaching the dtype's maximum lands a
+    # little beyond it: clamp, or the cast makes it inf.
+    finite = torch.finfo(chunk.dtype).max
+    flat = out.clamp(-finite, finite).to(chunk.dtype).reshape(batch, heads, -1)
     if chunk.outlier_values is not None:
-        flat = out.reshape(batch, heads, -1)
-        flat.scatter_(-1, chunk.outlier_index.long(), chunk.outlier_values)
-    return out
+        # Not in place: per-channel groups leave `out` transposed, so `flat` may be a copy.
+        flat = flat.scatter(-1, chunk.outlier_index.long(), chunk.outlier_values)
+    return flat.reshape(chunk.shape)
 
 
 def _to_groups(x: torch.Tensor, per_channel: bool) -> torch.Tensor:

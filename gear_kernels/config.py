@@ -55,7 +55,7 @@ class GearConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             _fail("method", self.method, f"one of {', '.join(METHODS)}")
-        if self.bits not in BITS or isinstance(self.bits, bool):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in BITS:
             _fail("bits", self.bits, f"one of {', '.join(map(str, BITS))}")
         if self.backbone not in BACKBONES:
             _fail("backbone", self.backbone, f"one of {', '.join(BACKBONES)}")

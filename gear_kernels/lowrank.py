@@ -8,10 +8,12 @@ import torch
 def power_iteration(
     residual: torch.Tensor, rank: int, iters: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """residual (rows, T, D) fp32 -> A (rows, T, r) orthonormal, B (rows, D, r); residual ~ A B^T.
+    """residual (rows, T, D) fp32 -> A (rows, T, r), B (rows, D, r); residual ~ A B^T.
 
     The start is one seeded (D, r) matrix shared by every row, so a row's factors do not
     depend on its batch neighbours (batch size 1 and N store the same bytes).
+    Each singular value is split evenly between A and B (both columns get norm sqrt(sigma)):
+    left in B alone it overflows fp16 for large residuals and goes subnormal for tiny ones.
     """
     assert residual.dtype == torch.float32, "power iteration runs in fp32"
     rank = min(rank, residual.shape[-2], residual.shape[-1])
@@ -21,4 +23,6 @@ def power_iteration(
     for _ in range(iters):
         a = torch.linalg.qr(residual @ b).Q  # (rows, T, r)
         b = residual.transpose(-1, -2) @ a  # (rows, D, r)
-    return a, b
+    sigma = b.norm(dim=-2, keepdim=True)  # (rows, 1, r)
+    root = sigma.sqrt()
+    return a * root, b / torch.where(root > 0, root, 1.0)

@@ -40,6 +40,6 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """(..., words) -> (..., n) codes as uint8."""
     assert words.dtype == WORD_DTYPE[bits], f"{bits}-bit codes are stored as {WORD_DTYPE[bits]}"
-    wide = words.to(torch.int64).unsqueeze(-1) >> _shifts(bits, words.device)  # (..., words, per_word)
+    wide = words.to(torch.int32).unsqueeze(-1) >> _shifts(bits, words.device).to(torch.int32)  # (..., words, per_word)
     codes = (wide & ((1 << bits) - 1)).reshape(*words.shape[:-1], -1)
     return codes[..., :n].to(torch.uint8)

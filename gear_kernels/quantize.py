@@ -67,7 +67,9 @@ def quantize(
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
     """codes (..., L), scale and zero (..., n_groups) -> (..., L) fp32."""
     length = codes.shape[-1]
-    return codes.float() * _expand(scale.float(), group, length) + _expand(zero.float(), group, length)
+    grid = _grouped(codes.float(), group, 0.0)  # (..., n_groups, group)
+    out = torch.addcmul(zero.float().unsqueeze(-1), grid, scale.float().unsqueeze(-1))
+    return out.flatten(-2)[..., :length]
 
 
 def _expand(per_group: torch.Tensor, group: int, length: int) -> torch.Tensor:

