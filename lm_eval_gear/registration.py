@@ -1,0 +1,201 @@
+"""Registration of the ``gear-hf`` model and the GEAR task folder with lm-eval.
+
+lm-eval 0.4.13 has no plugin hook for models, and its registry imports the built-in models
+(``lm_eval.models``) only while the registry is still empty: registering ``gear-hf`` too early
+would leave the registry non-empty and hide ``hf`` and every other built-in model. So we
+register *after* the built-ins:
+
+* After ``pip install`` (regular or editable) the file ``lm_eval_gear_hook.pth`` in
+  site-packages imports the tiny module ``_lm_eval_gear_hook`` at interpreter start-up. It only
+  watches for ``lm_eval.api.registry``, ``lm_eval.tasks.manager`` and
+  ``lm_eval.config.evaluate_config`` and calls
+  :func:`on_import` once each is loaded. Unrelated processes pay for one small module.
+* :func:`register_model` imports ``lm_eval.models`` first (lazy placeholders only, cheap), so the
+  built-ins are in place, then adds ``gear-hf`` as a lazy placeholder: ``lm_eval_gear.model``
+  (and torch/transformers with it) is imported only when ``--model gear-hf`` is asked for.
+* :func:`patch_cli_config` checks ``gear-hf``'s ``--model_args`` right after lm-eval's CLI has
+  parsed them, so a bad GEAR option stops the run at once with a one-line message.
+* :func:`patch_task_manager` makes every ``TaskManager`` with the default task folder also index
+  the GEAR task folder (after lm-eval's own tasks, before any ``--include_path``), so
+  ``lm_eval --tasks gsm8k_cot_gear`` works without flags.
+* lm-eval releases that read the ``lm_eval.models`` entry-point group (see pyproject.toml) find
+  ``gear-hf`` there as well; both routes register the same name only when it is still absent.
+
+Without the .pth (e.g. running from a source tree that is not installed) call :func:`install`
+before using lm-eval, or pass ``--include_path`` for the tasks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+MODEL_NAME = "gear-hf"
+MODEL_TARGET = "lm_eval_gear.model:GearHFLM"
+
+_PATCH_MARK = "_lm_eval_gear_patched"
+
+
+def tasks_dir() -> Path | None:
+    """The folder of GEAR task YAMLs: packaged (``lm_eval_gear/tasks``) or the source tree's ``tasks/``."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "tasks"
+    if packaged.is_dir():
+        return packaged
+    # editable install or plain source checkout: the repository's top-level tasks/
+    source = here.parent / "tasks"
+    if source.is_dir() and (here.parent / "pyproject.toml").is_file():
+        return source
+    return None
+
+
+def register_model(cls: type | None = None) -> None:
+    """Register ``gear-hf`` after lm-eval's built-ins: a lazy placeholder, or ``cls`` itself.
+
+    Idempotent: does nothing when the name is already registered (by this hook, by the
+    ``lm_eval.models`` entry point of newer lm-eval releases, or by anything else).
+    """
+    import lm_eval.models  # noqa: F401  registers the built-in lazy placeholders first
+    from lm_eval.api.registry import model_registry
+
+    if MODEL_NAME in model_registry:
+        return
+    try:
+        if cls is not None:
+            model_registry.register(MODEL_NAME)(cls)
+        else:
+            _register_placeholder(model_registry, MODEL_NAME, MODEL_TARGET)
+    except (ValueError, TypeError) as exc:  # e.g. a frozen registry
+        sys.stderr.write(f"lm_eval_gear: could not register {MODEL_NAME!r}: {exc}\n")
+
+
+def _register_placeholder(registry: Any, name: str, target: str) -> None:
+    params = inspect.signature(registry.register).parameters
+    if "target" in params:
+        registry.register(name, target=target)
+    elif "lazy" in params:  # some lm-eval revisions call it lazy=
+        registry.register(name, lazy=target)
+    else:
+        raise TypeError("unknown Registry.register signature")
+
+
+def patch_task_manager(task_manager_cls: type) -> None:
+    """Make ``TaskManager`` index the GEAR task folder whenever it indexes lm-eval's own tasks."""
+    if getattr(task_manager_cls, _PATCH_MARK, False):
+        return
+    folder = tasks_dir()
+    if folder is None:
+        return
+    original = task_manager_cls.__init__
+    signature = inspect.signature(original)
+    if "include_path" not in signature.parameters:
+        return
+    param = signature.parameters.get("include_defaults")
+    defaults_by_default = True if param is None else param.default
+
+    def __init__(self, *args, **kwargs):  # noqa: N807
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:
+            return original(self, *args, **kwargs)
+        if bound.arguments.get("include_defaults", defaults_by_default) is not False:
+            bound.arguments["include_path"] = _with_folder(bound.arguments.get("include_path"), folder)
+        return original(*bound.args, **bound.kwargs)
+
+    __init__.__doc__ = original.__doc__
+    __init__.__wrapped__ = original  # type: ignore[attr-defined]
+    task_manager_cls.__init__ = __init__
+    setattr(task_manager_cls, _PATCH_MARK, True)
+
+
+def _with_folder(include_path: Any, folder: Path) -> list:
+    if include_path is None:
+        paths: list = []
+    elif isinstance(include_path, (list, tuple)):
+        paths = list(include_path)
+    else:
+        paths = [include_path]
+    for p in paths:
+        try:
+            if Path(p).resolve() == folder:
+                return paths
+        except (OSError, TypeError):
+            continue
+    # ours first: lm-eval indexes paths in order and later ones win, so --include_path still
+    # overrides a GEAR task of the same name
+    return [str(folder), *paths]
+
+
+def patch_cli_config(config_cls: type) -> None:
+    """Check ``gear-hf``'s ``--model_args`` as soon as lm-eval's CLI has parsed them.
+
+    lm-eval builds its task index before it constructs the model; a bad GEAR option would only
+    surface after that, inside a traceback. This stops the run right after argument parsing with
+    one line naming the option and its valid values (exit status 2, like argparse's errors).
+    ``GearHFLM`` validates the same way again, for the Python API.
+    """
+    if getattr(config_cls, _PATCH_MARK, False):
+        return
+    original = config_cls.__dict__.get("from_cli")
+    if not isinstance(original, classmethod):
+        return
+    func = original.__func__
+
+    def from_cli(cls, *args, **kwargs):
+        cfg = func(cls, *args, **kwargs)
+        if getattr(cfg, "model", None) == MODEL_NAME:
+            _check_cli_model_args(getattr(cfg, "model_args", None))
+        return cfg
+
+    from_cli.__doc__ = func.__doc__
+    config_cls.from_cli = classmethod(from_cli)
+    setattr(config_cls, _PATCH_MARK, True)
+
+
+def _check_cli_model_args(model_args: Any) -> None:
+    from gear_kernels import GearConfigError
+
+    from .model_args import check_model_args
+    from .smollm2 import EmbeddedModelMissing
+
+    if isinstance(model_args, str):
+        from lm_eval.utils import simple_parse_args_string
+
+        model_args = simple_parse_args_string(model_args)
+    try:
+        check_model_args(model_args)
+    except (GearConfigError, EmbeddedModelMissing) as exc:
+        sys.stderr.write(f"lm_eval: error: {exc}\n")
+        raise SystemExit(2) from None
+
+
+def on_import(name: str, module: ModuleType) -> None:
+    """Called by the start-up hook right after a watched lm-eval module has been executed."""
+    if name == "lm_eval.api.registry":
+        register_model()
+    elif name == "lm_eval.tasks.manager":
+        task_manager = getattr(module, "TaskManager", None)
+        if task_manager is not None:
+            patch_task_manager(task_manager)
+    elif name == "lm_eval.config.evaluate_config":
+        config = getattr(module, "EvaluatorConfig", None)
+        if config is not None:
+            patch_cli_config(config)
+
+
+def install() -> None:
+    """Register everything now or as soon as lm-eval is imported (for processes without the .pth)."""
+    if "lm_eval.api.registry" in sys.modules:
+        register_model()
+    if "lm_eval.tasks.manager" in sys.modules:
+        patch_task_manager(sys.modules["lm_eval.tasks.manager"].TaskManager)
+    if "lm_eval.config.evaluate_config" in sys.modules:
+        patch_cli_config(sys.modules["lm_eval.config.evaluate_config"].EvaluatorConfig)
+    try:
+        import _lm_eval_gear_hook
+    except ImportError:  # neither installed nor on sys.path: nothing more to watch for
+        return
+    _lm_eval_gear_hook.install(force=True)

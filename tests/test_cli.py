@@ -1,0 +1,234 @@
+"""The stock `lm_eval` command with `--model gear-hf`, end to end, in subprocesses, offline.
+
+All lm_eval processes start at once (they are mostly import time) in one module fixture:
+
+* hf:   `--model hf` on a generation, a multiple-choice and a perplexity task (the fixture
+        tasks in tests/fixtures/lm_eval_tasks, data written here), --log_samples;
+* none: the same with `--model gear-hf --model_args method=none`: identical responses and
+        loglikelihoods, and memory figures in the results JSON;
+* gear: the same with `method=gear,bits=2` and a small buffer and groups, so the prompt, the
+        streamed chunks and the buffer all hold something: the loglikelihoods move, the results
+        JSON and the printed summary hold the GEAR config and the measured KV memory;
+* bad:  `bits=5`: exits at once (before any model loads) with one line naming it;
+* probe: a bare `python` that checks what the start-up hook costs and registers.
+
+These need the package installed (`pip install -e .` or `pip install .`): that is what puts
+`lm_eval_gear_hook.pth` in site-packages and so makes `lm_eval --model gear-hf` work.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+from tiny_lm import TASKS_DIR, build_tiny_lm, write_task_data  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+TASKS = ["gear_cli_gen", "gear_cli_choice", "gear_cli_rolling"]
+GEAR_ARGS = "method=gear,bits=2,buffer_size=8,group_size=8"
+
+PROBE = textwrap.dedent(
+    """
+    import json, sys, time
+    ours = ("_lm_eval_gear_hook", "lm_eval_gear", "gear_kernels", "lm_eval", "torch", "transformers")
+    out = {"startup_modules": sorted(m for m in sys.modules if m.split(".")[0] in ours)}
+    import lm_eval.api.registry as r
+    out["registry"] = sorted(r.model_registry.keys())
+    out["heavy_after_registry"] = sorted(m for m in ("torch", "transformers", "lm_eval_gear") if m in sys.modules)
+    out["hf"] = r.get_model("hf").__name__
+    out["gear_hf"] = r.get_model("gear-hf").__name__
+    # a plain TaskManager() indexes lm-eval's own tasks, then the GEAR folder; indexing lm-eval's
+    # ~15k task YAMLs costs seconds of CPU, so this probe records the paths and skips that one
+    from pathlib import Path
+    import lm_eval.tasks.manager as manager
+    builtin, real_build = Path(manager.__file__).parent, manager.TaskIndex.build
+    def build(paths, **kwargs):
+        out["indexed"] = [str(p) for p in paths]
+        return real_build([p for p in paths if Path(p) != builtin], **kwargs)
+    manager.TaskIndex.build = staticmethod(build)
+    tm = manager.TaskManager()
+    out["builtin_tasks_dir"] = str(builtin)
+    out["gear_tasks"] = sorted(t for t in tm.all_tasks if t in ("gsm8k_cot_gear", "aqua_cot_gear", "bbh_cot_gear", "gear_paper"))
+    print(json.dumps(out))
+    """
+)
+
+
+def _installed_with_hook() -> bool:
+    try:
+        dist = importlib.metadata.distribution("lm-eval-gear")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return any(Path(str(f)).name == "lm_eval_gear_hook.pth" for f in dist.files or [])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    if not _installed_with_hook():
+        pytest.skip("lm-eval-gear is not pip-installed in this environment (pip install -e .)")
+    lm_eval = Path(sys.executable).with_name("lm_eval")
+    if not lm_eval.exists():
+        pytest.skip(f"no lm_eval command next to {sys.executable}")
+    root = tmp_path_factory.mktemp("cli")
+    model = str(build_tiny_lm(root / "model"))
+    data = write_task_data(root / "data")
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(root / "hf_datasets"),
+        "TOKENIZERS_PARALLELISM": "false",
+        # several processes share the CI's cores; results do not depend on the thread count
+        # (all runs use the same), but oversubscription would make them slow
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    env.pop("LM_EVAL_GEAR_NO_HOOK", None)
+    common = [
+        "--tasks", ",".join(TASKS), "--include_path", str(TASKS_DIR), "--device", "cpu",
+        "--batch_size", "2", "--log_samples",
+    ]
+    commands = {
+        "hf": [lm_eval, "--model", "hf", "--model_args", f"pretrained={model}", *common],
+        "none": [lm_eval, "--model", "gear-hf", "--model_args", f"pretrained={model},method=none", *common],
+        "gear": [lm_eval, "--model", "gear-hf", "--model_args", f"pretrained={model},{GEAR_ARGS}", *common],
+        "bad": [
+            lm_eval, "--model", "gear-hf", "--model_args", "pretrained=/nonexistent/model,bits=5",
+            "--tasks", "gear_cli_gen", "--include_path", str(TASKS_DIR),
+        ],
+        "probe": [sys.executable, "-c", PROBE],
+    }
+    for name in ("hf", "none", "gear"):
+        commands[name] += ["--output_path", str(root / "out" / name)]
+    logs = root / "logs"
+    logs.mkdir()
+    procs, seconds = {}, {}
+    start = time.perf_counter()
+    for name, cmd in commands.items():
+        with open(logs / f"{name}.out", "w") as out, open(logs / f"{name}.err", "w") as err:
+            procs[name] = subprocess.Popen([str(c) for c in cmd], cwd=data, env=env, stdout=out, stderr=err)
+    while len(seconds) < len(procs):
+        for name, proc in procs.items():
+            if name not in seconds and proc.poll() is not None:
+                seconds[name] = time.perf_counter() - start
+        if time.perf_counter() - start > 900:
+            for proc in procs.values():
+                proc.kill()
+            pytest.fail(f"lm_eval runs did not finish in 900 s (done: {sorted(seconds)})")
+        time.sleep(0.1)
+    return {
+        name: {
+            "rc": proc.returncode,
+            "stdout": (logs / f"{name}.out").read_text(),
+            "stderr": (logs / f"{name}.err").read_text(),
+            "seconds": seconds[name],
+            "out": root / "out" / name,
+        }
+        for name, proc in procs.items()
+    }
+
+
+def _ok(run: dict) -> None:
+    assert run["rc"] == 0, f"exit {run['rc']}\nstdout:\n{run['stdout'][-3000:]}\nstderr:\n{run['stderr'][-6000:]}"
+
+
+def _results(run: dict) -> dict:
+    (path,) = glob.glob(str(run["out"] / "*" / "results_*.json"))
+    return json.loads(Path(path).read_text())
+
+
+def _samples(run: dict) -> dict[str, list]:
+    """task -> [(doc_id, resps, filtered_resps)] sorted by doc_id."""
+    out = {}
+    for task in TASKS:
+        (path,) = glob.glob(str(run["out"] / "*" / f"samples_{task}_*.jsonl"))
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        out[task] = sorted((r["doc_id"], r["resps"], r["filtered_resps"]) for r in rows)
+    return out
+
+
+def test_gear_hf_method_none_gives_hf_results(runs):
+    """Registration leaves `--model hf` working, and method=none reproduces it exactly."""
+    _ok(runs["hf"])
+    _ok(runs["none"])
+    hf, none = _samples(runs["hf"]), _samples(runs["none"])
+    for task in TASKS:
+        assert len(hf[task]) > 0
+        assert none[task] == hf[task], task  # generations and loglikelihoods, bit for bit
+    assert _results(runs["none"])["results"] == _results(runs["hf"])["results"]
+
+    gear = _results(runs["none"])["config"]["gear"]
+    assert gear["config"]["method"] == "none"
+    memory = gear["memory"]
+    # under none only generation keeps a KV cache (loglikelihood is HFLM's own batched pass)
+    assert memory["sequences"] == {"generate_until": 5}
+    assert memory["ratio"] == 1.0 and memory["bytes"]["buffer"] == memory["total_bytes"] > 0
+    assert "gear-hf: method=none" in runs["none"]["stdout"]
+
+
+def test_gear_hf_compresses_every_request_type(runs):
+    _ok(runs["gear"])
+    results = _results(runs["gear"])
+    config = results["config"]
+    assert config["model"] == "gear-hf"
+    gear = config["gear"]
+    assert gear["config"] | {"method": "gear", "bits": 2, "buffer_size": 8, "group_size": 8} == gear["config"]
+    memory = gear["memory"]
+    # generation: 5 prompts (in batches of 2); choice: 4 docs x 3 options; rolling: 3 texts,
+    # the last one longer than the model's 256 positions, so in several windows
+    assert memory["sequences"]["generate_until"] == 5
+    assert memory["sequences"]["loglikelihood"] > 12 + 3
+    assert all(memory["bytes"][part] > 0 for part in ("codes", "scales", "outliers", "lowrank", "buffer"))
+    assert memory["total_bytes"] == sum(memory["bytes"].values())
+    assert memory["dense_bits_per_element"] == 32.0  # the tiny model runs in float32
+    assert 2 < memory["bits_per_element"] < 32 and memory["ratio"] > 1
+    assert 0 < memory["peak_kv_cache_bytes"] <= memory["total_bytes"]
+    assert "peak_device_allocated_bytes" in memory  # null on CPU
+
+    # the printed one-line summary
+    (line,) = [ln for ln in runs["gear"]["stdout"].splitlines() if ln.startswith("gear-hf: method=gear")]
+    assert "bits=2" in line and "bits/element" in line and "lowrank" in line and "peak" in line
+
+    # the compressed cache changed the numbers of every request type
+    hf, gear_samples = _samples(runs["hf"]), _samples(runs["gear"])
+    for task in TASKS:
+        assert gear_samples[task] != hf[task], task
+
+
+def test_bad_model_arg_stops_at_once(runs):
+    bad = runs["bad"]
+    assert bad["rc"] == 2, bad["stderr"][-3000:]
+    # named, with the valid choices, in one line, and before the (nonexistent) model was touched
+    assert "lm_eval: error: gear-hf: invalid --model_args: GearConfig.bits=5 is invalid: allowed one of 2, 3, 4, 8" in bad["stderr"]
+    assert "Traceback" not in bad["stderr"]
+    assert "nonexistent" not in bad["stderr"]
+    assert bad["seconds"] < min(runs[n]["seconds"] for n in ("hf", "none", "gear"))
+
+
+def test_startup_hook_is_cheap_and_registers_everything(runs):
+    probe = runs["probe"]
+    _ok(probe)
+    out = json.loads(probe["stdout"].strip().splitlines()[-1])
+    # a bare interpreter loads only the hook module: nothing of lm_eval, lm_eval_gear or torch
+    assert out["startup_modules"] == ["_lm_eval_gear_hook"]
+    # loading lm-eval's registry registers gear-hf next to every built-in, and stays light
+    assert {"hf", "hf-auto", "huggingface", "vllm", "dummy", "gear-hf"} <= set(out["registry"])
+    assert out["heavy_after_registry"] == []
+    assert (out["hf"], out["gear_hf"]) == ("HFLM", "GearHFLM")
+    # the GEAR tasks are found without --include_path, indexed after lm-eval's own
+    assert out["indexed"][0] == out["builtin_tasks_dir"] and len(out["indexed"]) == 2
+    assert Path(out["indexed"][1]).name in ("tasks",)
+    if (Path(__file__).resolve().parents[1] / "tasks" / "gsm8k_cot_gear.yaml").is_file():
+        assert out["gear_tasks"] == ["aqua_cot_gear", "bbh_cot_gear", "gear_paper", "gsm8k_cot_gear"]

@@ -1,0 +1,143 @@
+"""The `gear-hf` model in process: what each request type compresses, and what it reports."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+from lm_eval_gear.forcing import forward_with_cache
+from lm_eval_gear.model import GearHFLM, summary_line
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+from tiny_lm import build_tiny_lm  # noqa: E402
+
+SMALL = dict(buffer_size=4, group_size=8)  # so short prompts and continuations compress
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(build_tiny_lm(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def _ll_requests(n=10, seed=0):
+    rng = random.Random(seed)
+    return [
+        (None, [rng.randrange(1, 299) for _ in range(rng.randrange(2, 40))],
+         [rng.randrange(1, 299) for _ in range(rng.randrange(1, 20))])
+        for _ in range(n)
+    ]
+
+
+def _gen_requests(texts, max_gen_toks=12):
+    kwargs = {"until": ["\n\n"], "max_gen_toks": max_gen_toks, "do_sample": False}
+    return [Instance("generate_until", {}, (t, dict(kwargs)), i) for i, t in enumerate(texts)]
+
+
+TEXTS = ["the cat sat on the mat and", "one plus two is", "what is the answer to the question of the dog", "ten"]
+
+
+def test_method_none_is_hflm(tiny):
+    hf = HFLM(pretrained=tiny, device="cpu", batch_size=3)
+    none = GearHFLM(pretrained=tiny, device="cpu", batch_size=3, method="none")
+    requests = _ll_requests()
+    assert none._loglikelihood_tokens(requests) == hf._loglikelihood_tokens(requests)
+    assert none.generate_until(_gen_requests(TEXTS), disable_tqdm=True) == hf.generate_until(
+        _gen_requests(TEXTS), disable_tqdm=True
+    )
+    memory = none.gear_summary()["memory"]
+    assert memory["sequences"] == {"generate_until": len(TEXTS)} and memory["ratio"] == 1.0
+
+
+def test_loglikelihood_scores_the_continuation_against_the_compressed_context(tiny):
+    lm = GearHFLM(pretrained=tiny, device="cpu", batch_size=3, method="gear", bits=2, **SMALL)
+    context, continuation = [5, 17, 42, 8, 99, 23, 64, 7, 31, 12, 250], [77, 3, 140, 9, 56, 61]
+    got = lm._loglikelihood_tokens([(None, context, continuation)])[0]
+
+    # by hand: the context is the prompt (exact prefill, then compressed), the continuation is
+    # teacher-forced through the cache; the first continuation token comes from the prefill
+    tokens = torch.tensor([context + continuation[:-1]])
+    logits = forward_with_cache(lm.model, tokens, lm.make_cache(), len(context))
+    logprobs = torch.log_softmax(logits[0, len(context) - 1 :], dim=-1)
+    target = torch.tensor(continuation)
+    assert got[0] == pytest.approx(float(logprobs.gather(1, target[:, None]).sum()), abs=0)
+    assert got[1] == bool((logprobs.argmax(-1) == target).all())
+
+    # the first token is scored by the exact prefill, so a one-token continuation equals hf's
+    hf = HFLM(pretrained=tiny, device="cpu", batch_size=1)
+    one = (None, context, continuation[:1])
+    assert lm._loglikelihood_tokens([one])[0][0] == pytest.approx(hf._loglikelihood_tokens([one])[0][0], abs=1e-5)
+
+
+def test_compression_error_shrinks_with_bits(tiny):
+    requests = _ll_requests(4, seed=1)
+    exact = [ll for ll, _ in HFLM(pretrained=tiny, device="cpu", batch_size=4)._loglikelihood_tokens(requests)]
+
+    def error(**options):
+        lm = GearHFLM(pretrained=tiny, device="cpu", batch_size=4, **SMALL, **options)
+        got = [ll for ll, _ in lm._loglikelihood_tokens(requests)]
+        return max(abs(a - b) for a, b in zip(got, exact, strict=True))
+
+    two, eight = error(method="gear", bits=2), error(method="gear", bits=8)
+    assert two > eight > 0
+    assert eight < 0.01 * max(abs(e) for e in exact)
+
+
+def test_rolling_loglikelihood_streams_the_whole_text(tiny):
+    lm = GearHFLM(pretrained=tiny, device="cpu", batch_size=2, method="gear", bits=4, buffer_size=32, group_size=8)
+    hf = HFLM(pretrained=tiny, device="cpu", batch_size=2)
+    text = "the cat sat on the mat " * 45  # longer than the 256 positions: two windows
+    requests = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    got, = lm.loglikelihood_rolling(requests, disable_tqdm=True)
+    want, = hf.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    assert math.isfinite(got) and got != want and abs(got - want) < 0.05 * abs(want)
+    memory = lm.gear_summary()["memory"]
+    assert memory["sequences"]["loglikelihood"] >= 2  # one cache per window
+
+
+def test_generation_does_not_depend_on_the_batch(tiny):
+    """The left-padding mask reaches the cache: a prompt compresses alike alone or padded."""
+    outs = {}
+    for batch_size in (1, 4):
+        lm = GearHFLM(pretrained=tiny, device="cpu", batch_size=batch_size, method="gear", bits=2, **SMALL)
+        outs[batch_size] = lm.generate_until(_gen_requests(TEXTS, max_gen_toks=16), disable_tqdm=True)
+        memory = lm.gear_summary()["memory"]
+        assert memory["sequences"] == {"generate_until": len(TEXTS)}
+        assert memory["kv_caches"] == math.ceil(len(TEXTS) / batch_size)
+    assert outs[1] == outs[4]
+    hf = HFLM(pretrained=tiny, device="cpu", batch_size=4)
+    assert outs[1] != hf.generate_until(_gen_requests(TEXTS, max_gen_toks=16), disable_tqdm=True)
+
+
+def test_model_info_holds_config_and_memory(tiny, capsys):
+    lm = GearHFLM(pretrained=tiny, device="cpu", batch_size=2, method="gear", bits=4, **SMALL)
+    lm.generate_until(_gen_requests(TEXTS[:2]), disable_tqdm=True)
+    lm._loglikelihood_tokens(_ll_requests(3))
+    info = lm.get_model_info()
+    json.dumps(info["gear"])  # plain JSON
+    config, memory = info["gear"]["config"], info["gear"]["memory"]
+    assert config["method"] == "gear" and config["bits"] == 4 and config["buffer_size"] == 4
+    assert memory["sequences"] == {"generate_until": 2, "loglikelihood": 3}
+    assert memory["total_bytes"] == sum(memory["bytes"].values())
+    assert memory["bits_per_element"] == pytest.approx(8 * memory["total_bytes"] / memory["elements"])
+    assert memory["ratio"] == pytest.approx(memory["dense_bytes"] / memory["total_bytes"])
+    assert memory["peak_device_allocated_bytes"] is None  # CPU
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1] == summary_line(info["gear"])
+    assert printed[-1].startswith("gear-hf: method=gear bits=4 backbone=kivi")
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_is_the_default():
+    lm = GearHFLM(device="cpu", batch_size=1, method="gear", bits=4)
+    assert lm.model.config.num_hidden_layers == 30 and lm.model.config.num_key_value_heads == 3
+    (out,) = lm.generate_until(_gen_requests(["Question: What is 2 + 3?\nAnswer:"], max_gen_toks=8), disable_tqdm=True)
+    assert isinstance(out, str) and out.strip()
+    assert lm.get_model_info()["model_name"].startswith("SmolLM2-135M-Instruct")
