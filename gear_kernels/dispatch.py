@@ -1,0 +1,91 @@
+"""The one place that picks Triton or torch: kernel = "auto" | "triton" | "torch".
+
+auto means triton for CUDA tensors (when triton imports) and torch elsewhere. "triton" on CPU
+tensors runs only under TRITON_INTERPRET=1 (tests); otherwise it raises. Triton modules are
+imported lazily, so gear_kernels works on machines without triton.
+
+    decode_attention(q, key_segments, value_segments, k_buf, v_buf, scale, pad_len=None, kernel="auto")
+    compress(x, config, kind, rank=None, kernel=None)   # kernel defaults to config.kernel
+
+Both paths of each function compute the same thing (attention_reference.py and
+triton_attention.py; chunk.py and triton_quantize.py).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .attention_reference import Segment, decode_attention_torch
+from .chunk import CompressedChunk
+from .chunk import compress as compress_torch
+from .config import KERNELS, GearConfig
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install
+        return False
+    return True
+
+
+def resolve_kernel(kernel: str, device: torch.device | str) -> str:
+    """'auto' | 'triton' | 'torch' -> the path that runs ('triton' or 'torch') for `device`."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is invalid: allowed {', '.join(KERNELS)}")
+    if kernel == "auto":
+        return "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
+    if kernel == "triton" and not triton_available():
+        raise ValueError("kernel='triton' needs the triton package; install it or use kernel='torch'")
+    return kernel
+
+
+def decode_attention(
+    q: torch.Tensor,
+    key_segments: Sequence[Segment],
+    value_segments: Sequence[Segment],
+    k_buf: torch.Tensor | None,
+    v_buf: torch.Tensor | None,
+    scale: float,
+    pad_len: torch.Tensor | None = None,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """Attention of q over a compressed layer cache: (batch, q_heads, q_len, head_dim) in q's dtype.
+
+    q (batch, q_heads, q_len, head_dim); key_segments / value_segments: the layer's compressed
+    segments in position order, each a CompressedChunk (batch, kv_heads, tokens, head_dim)
+    shared by all rows or a per-row list of batch-1 chunks (or None); k_buf / v_buf the exact
+    buffer (batch, kv_heads, n_buf, head_dim) or None; scale the softmax scale; pad_len
+    (batch,) leading positions of each row to ignore (shared segments only). q_len > 1: the
+    queries are the last q_len tokens of each row, causally masked. GQA: q_heads = kv_heads *
+    ratio, never repeating K/V. See attention_reference.py for the exact contract.
+
+    The Triton path handles q_len > 1 only when the queries' own tokens are in the buffer
+    (n_buf >= q_len); otherwise this falls back to the torch path, which computes the same.
+    """
+    path = resolve_kernel(kernel, q.device)
+    if path == "triton":
+        n_buf = 0 if k_buf is None else k_buf.shape[-2]
+        if q.dim() == 4 and q.shape[2] > 1 and n_buf < q.shape[2]:
+            path = "torch"
+    if path == "torch":
+        return decode_attention_torch(q, key_segments, value_segments, k_buf, v_buf, scale, pad_len)
+    from .triton_attention import decode_attention_triton
+
+    return decode_attention_triton(q, key_segments, value_segments, k_buf, v_buf, scale, pad_len)
+
+
+def compress(x: torch.Tensor, config: GearConfig, kind: str, rank: int | None = None,
+             kernel: str | None = None) -> CompressedChunk:
+    """chunk.compress, its quantization and packing by Triton when the kernel resolves to triton.
+
+    Same stored tensors either way (codes, scales and zero points bitwise; see triton_quantize).
+    """
+    path = resolve_kernel(config.kernel if kernel is None else kernel, x.device)
+    if path == "torch":
+        return compress_torch(x, config, kind, rank)
+    from .triton_quantize import compress_triton
+
+    return compress_triton(x, config, kind, rank)

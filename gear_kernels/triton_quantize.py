@@ -1,0 +1,289 @@
+"""Triton kernels that quantize and pack one KV chunk, beside the torch reference they match.
+
+`compress_triton(x, config, kind, rank)` returns the same CompressedChunk as
+`chunk.compress(x, config, kind, rank)`:
+
+- codes, scale, zero: bitwise identical (every backbone and bit width). The kernels repeat the
+  reference's arithmetic step by step: min/max over the group without the excluded entries,
+  zero = lo rounded down to fp16, scale = (hi - zero) / levels (IEEE division, div_rn) rounded
+  up to fp16, code = round-half-to-even(clamp((x - zero) / scale, 0, levels)) (IEEE division;
+  the rounding is done exactly on floor and fraction, so there is no tie-breaking difference).
+  Directed fp16 rounding is done on the bit pattern (round to nearest, then one ulp toward
+  -inf / +inf when the nearest lies on the wrong side), as torch.nextafter does.
+- outliers: chosen by the same torch code (topk is not a kernel here), stored sorted by position.
+- low-rank factors: the pack kernel also writes the residual X - D (0 at outliers), and the
+  same seeded power iteration runs on it. The pack kernel is compiled without FP fusion, so
+  code * scale + zero is rounded twice, as quantize.dequantize (torch.addcmul) computes it on
+  CPU: under TRITON_INTERPRET=1 the residual, A and B are bitwise the reference's. On a GPU,
+  torch's own addcmul may fuse into an FMA, so A and B can differ from it in the last bits.
+
+Two kernels: `_group_stats_kernel` (scale and zero of every group) and `_pack_kernel` (codes,
+packed words and residual, one program per block of packed words, so 3-bit words that straddle
+two tokens need no special case).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .chunk import CompressedChunk, _check_input, grouping
+from .config import GearConfig
+from .lowrank import power_iteration
+from .outliers import index_dtype, select_outliers
+from .packing import CODES_PER_WORD, WORD_DTYPE, packed_length
+from .quantize import FP16_MAX, levels
+from . import triton_device as td
+from .triton_device import pow2 as _pow2
+
+
+@triton.jit
+def _fp16_down(x):
+    """fp32 -> fp16 rounded toward -inf (round to nearest, then one ulp down if above)."""
+    h = x.to(tl.float16)
+    bits = h.to(tl.int16, bitcast=True).to(tl.int32)
+    # one ulp toward -inf: positive -> pattern - 1; negative or -0 -> pattern + 1 (magnitude up);
+    # +0 -> -smallest subnormal (0x8001)
+    down = tl.where(bits > 0, bits - 1, tl.where(bits == 0, -32767, bits + 1))
+    bits = tl.where(h.to(tl.float32) > x, down, bits)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _fp16_up(x):
+    """fp32 -> fp16 rounded toward +inf."""
+    h = x.to(tl.float16)
+    bits = h.to(tl.int16, bitcast=True).to(tl.int32)
+    # one ulp toward +inf: positive or +0 -> pattern + 1; -0 -> +smallest subnormal; negative -> - 1
+    up = tl.where(bits >= 0, bits + 1, tl.where(bits == -32768, 1, bits - 1))
+    bits = tl.where(h.to(tl.float32) < x, up, bits)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _scale_zero(lo, hi, top):
+    """Group min/max (lo = +inf for a group with no entries) -> fp16 scale and zero."""
+    empty = lo == float("inf")
+    lo = tl.where(empty, 0.0, lo)
+    hi = tl.where(empty, 0.0, hi)
+    zero = _fp16_down(lo)
+    scale = _fp16_up(tl.math.div_rn(hi - zero.to(tl.float32), top))
+    return scale, zero
+
+
+@triton.jit
+def _round_code(steps, top):
+    """round-half-to-even(clamp(steps, 0, top)), exactly (floor and fraction are exact here)."""
+    s = tl.minimum(tl.maximum(steps, 0.0), top)
+    f = tl.floor(s)
+    frac = s - f
+    odd = f - 2.0 * tl.floor(f * 0.5)
+    return tl.where(frac > 0.5, f + 1.0, tl.where(frac < 0.5, f, f + odd))
+
+
+@triton.jit
+def _group_stats_kernel(
+    x_ptr, ex_ptr, scale_ptr, zero_ptr,
+    T, D, NG, G, top,
+    PER_CHANNEL: tl.constexpr, HAS_EX: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """scale/zero of every group of one (batch, head) slice x (T, D).
+
+    PER_CHANNEL: groups of G consecutive tokens of one channel; grid (rows, NG, D blocks);
+    scale (rows, D, NG). Else: groups of G consecutive channels of one token; grid
+    (rows, token blocks); scale (rows, T, NG).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    base = row * T * D
+    if PER_CHANNEL:
+        g = tl.program_id(1)
+        d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        lo = tl.full((BLOCK_D,), float("inf"), tl.float32)
+        hi = tl.full((BLOCK_D,), float("-inf"), tl.float32)
+        t_stop = tl.minimum(g * G + G, T)
+        for t0 in range(g * G, t_stop, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            ok = (t < t_stop)[:, None] & d_ok[None, :]
+            offs = base + t[:, None] * D + d[None, :]
+            x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            if HAS_EX:
+                ok = ok & (tl.load(ex_ptr + offs, mask=ok, other=1) == 0)
+            lo = tl.minimum(lo, tl.min(tl.where(ok, x, float("inf")), axis=0))
+            hi = tl.maximum(hi, tl.max(tl.where(ok, x, float("-inf")), axis=0))
+        scale, zero = _scale_zero(lo, hi, top)
+        out = row * D * NG + d * NG + g
+        tl.store(scale_ptr + out, scale, mask=d_ok)
+        tl.store(zero_ptr + out, zero, mask=d_ok)
+    else:
+        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.arange(0, BLOCK_D)
+        ok = (t < T)[:, None] & (d < D)[None, :]
+        offs = base + t[:, None] * D + d[None, :]
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if HAS_EX:
+            ok = ok & (tl.load(ex_ptr + offs, mask=ok, other=1) == 0)
+        for g in range(0, NG):
+            keep = ok & ((d >= g * G) & (d < g * G + G))[None, :]
+            lo = tl.min(tl.where(keep, x, float("inf")), axis=1)
+            hi = tl.max(tl.where(keep, x, float("-inf")), axis=1)
+            scale, zero = _scale_zero(lo, hi, top)
+            out = row * T * NG + t * NG + g
+            tl.store(scale_ptr + out, scale, mask=t < T)
+            tl.store(zero_ptr + out, zero, mask=t < T)
+
+
+@triton.jit
+def _pack_kernel(
+    x_ptr, ex_ptr, scale_ptr, zero_ptr, codes_ptr, res_ptr,
+    T, D, NG, G, W, top,
+    BITS: tl.constexpr, PW: tl.constexpr, PW_P2: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    HAS_EX: tl.constexpr, WRITE_RES: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """Codes of a block of BLOCK_W packed words of one slice; grid (rows, word blocks).
+
+    Word w holds the codes of flat positions w * PW + j (j < PW) of the (T, D) slice at bit
+    offset j * BITS. Optionally writes the residual x - dequant (0 at excluded entries), fp32.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    j = tl.arange(0, PW_P2)
+    i = w[:, None] * PW + j[None, :]  # flat position in the slice
+    ok = (j < PW)[None, :] & (i < T * D)
+    t = i // D
+    d = i % D
+    x = tl.load(x_ptr + row * T * D + i, mask=ok, other=0.0).to(tl.float32)
+    if PER_CHANNEL:
+        g = row * D * NG + d * NG + t // G
+    else:
+        g = row * T * NG + t * NG + d // G
+    scale = tl.load(scale_ptr + g, mask=ok, other=1.0).to(tl.float32)
+    zero = tl.load(zero_ptr + g, mask=ok, other=0.0).to(tl.float32)
+    safe = tl.where(scale > 0, scale, 1.0)  # a constant group has scale 0: code 0
+    code = _round_code(tl.math.div_rn(x - zero, safe), top)
+    word = tl.sum(tl.where(ok, code.to(tl.int32) << (j * BITS)[None, :], 0), axis=1)
+    tl.store(codes_ptr + row * W + w, word.to(codes_ptr.dtype.element_ty), mask=w < W)
+    if WRITE_RES:
+        res = x - (code * scale + zero)
+        if HAS_EX:
+            res = tl.where(tl.load(ex_ptr + row * T * D + i, mask=ok, other=0) != 0, 0.0, res)
+        tl.store(res_ptr + row * T * D + i, res, mask=ok)
+
+
+POISON = False  # tests: fill every output with NaN (floats) or all ones (codes) before the kernels
+
+
+def _new(shape, dtype, device) -> torch.Tensor:
+    if not POISON:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
+
+
+def quantize_pack(
+    x: torch.Tensor,
+    exclude: torch.Tensor | None,
+    bits: int,
+    group: int,
+    per_channel: bool,
+    want_residual: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x (rows, T, D) float -> codes (rows, words), scale, zero, residual (rows, T, D) fp32 or None.
+
+    exclude (rows, T*D) uint8/bool or None: entries left out of the min/max (outliers); they
+    still get a code, and a residual of 0. scale/zero: (rows, D, NG) if per_channel else
+    (rows, T, NG), fp16. Raises ValueError when a scale or zero overflows fp16 (as the reference).
+    """
+    assert x.dim() == 3 and x.is_contiguous(), "x must be a contiguous (rows, T, D) tensor"
+    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {x.dtype}"
+    assert bits in CODES_PER_WORD, f"bits must be one of {sorted(CODES_PER_WORD)}"
+    assert group >= 1, "group must be >= 1"
+    rows, tokens, dim = x.shape
+    assert rows >= 1 and tokens >= 1 and dim >= 1, f"empty input {tuple(x.shape)}"
+    if exclude is not None:
+        assert exclude.shape == (rows, tokens * dim) and exclude.is_contiguous(), "exclude must be (rows, T*D)"
+        assert exclude.device == x.device
+        exclude = exclude.view(torch.uint8) if exclude.dtype == torch.bool else exclude
+        assert exclude.dtype == torch.uint8, "exclude must be bool or uint8"
+    length = tokens if per_channel else dim
+    n_groups = math.ceil(length / group)
+    top = float(levels(bits))
+    dev = x.device
+    scale = _new((rows, dim if per_channel else tokens, n_groups), torch.float16, dev)
+    zero = _new(scale.shape, torch.float16, dev)
+    ex_arg = exclude if exclude is not None else x  # never read when HAS_EX is False
+    td.check_device(x.device)
+    small = td.interpreter_sizes(x.device)
+    if per_channel:
+        block_t = min(_pow2(min(group, tokens)), 256 if small else 64)
+        block_d = _pow2(dim) if small else min(_pow2(dim), 64)
+        grid = (rows, n_groups, triton.cdiv(dim, block_d))
+    else:
+        block_d = _pow2(dim)
+        block_t = max(1, min(_pow2(tokens), (16384 if small else 4096) // block_d))
+        grid = (rows, triton.cdiv(tokens, block_t))
+    _group_stats_kernel[grid](
+        x, ex_arg, scale, zero, tokens, dim, n_groups, group, top,
+        PER_CHANNEL=per_channel, HAS_EX=exclude is not None, BLOCK_T=block_t, BLOCK_D=block_d,
+    )
+    per_word = CODES_PER_WORD[bits]
+    words = packed_length(tokens * dim, bits)
+    codes = _new((rows, words), WORD_DTYPE[bits], dev)
+    residual = _new((rows, tokens, dim), torch.float32, dev) if want_residual else None
+    pw_p2 = _pow2(per_word)
+    block_w = max(1, min(_pow2(words), (16384 if small else 1024) // pw_p2))
+    _pack_kernel[(rows, triton.cdiv(words, block_w))](
+        x, ex_arg, scale, zero, codes, residual if want_residual else scale,
+        tokens, dim, n_groups, group, words, top,
+        BITS=bits, PW=per_word, PW_P2=pw_p2, PER_CHANNEL=per_channel,
+        HAS_EX=exclude is not None, WRITE_RES=want_residual, BLOCK_W=block_w,
+        enable_fp_fusion=False,  # code * scale + zero rounded twice, as the reference: same residual
+    )
+    if not (torch.isfinite(scale).all() and torch.isfinite(zero).all()):
+        raise ValueError(
+            f"values beyond the fp16 range (|x| > {FP16_MAX:.0f}) cannot be quantized with fp16 "
+            "scales; use method=none for this model"
+        )
+    return codes, scale, zero, residual
+
+
+def compress_triton(x: torch.Tensor, config: GearConfig, kind: str, rank: int | None = None) -> CompressedChunk:
+    """chunk.compress with the quantization and packing done by Triton kernels (same output)."""
+    _check_input(x, kind)
+    batch, heads, tokens, head_dim = x.shape
+    per_channel, group = grouping(kind, config.backbone, config.group_size, tokens, head_dim)
+    meta = dict(shape=tuple(x.shape), dtype=x.dtype, bits=config.bits, per_channel=per_channel, group=group)
+    if not config.compresses:
+        return CompressedChunk(**meta, exact=x.clone())
+    bad = (~torch.isfinite(x)).sum().item()
+    if bad:
+        raise ValueError(
+            f"{bad} NaN/Inf entries in the {kind} chunk of shape {tuple(x.shape)}: GEAR refuses "
+            "non-finite input (it would poison its neighbours); run the model in a wider dtype "
+            "(bfloat16 or float32) or use method=none"
+        )
+    rows = batch * heads
+    xs = x.reshape(rows, tokens, head_dim).contiguous()
+    parts: dict[str, torch.Tensor] = {}
+    exclude = None
+    if config.uses_outliers:
+        index = select_outliers(xs.reshape(rows, -1).float(), config.outlier_ratio)  # sorted (rows, 2k)
+        exclude = torch.zeros((rows, tokens * head_dim), dtype=torch.uint8, device=x.device)
+        exclude.scatter_(-1, index, 1)
+        parts["outlier_values"] = xs.reshape(rows, -1).gather(-1, index).reshape(batch, heads, -1)
+        parts["outlier_index"] = index.to(index_dtype(tokens * head_dim)).reshape(batch, heads, -1)
+    r = config.rank_prompt if rank is None else rank
+    if r < 0:
+        raise ValueError(f"rank={r} is invalid: allowed an integer >= 0")
+    want_lr = config.uses_lowrank and r > 0
+    codes, scale, zero, residual = quantize_pack(xs, exclude, config.bits, group, per_channel, want_lr)
+    dims = (batch, heads)
+    parts.update(codes=codes.reshape(*dims, -1), scale=scale.reshape(*dims, *scale.shape[1:]),
+                 zero=zero.reshape(*dims, *zero.shape[1:]))
+    if want_lr:
+        a, b = power_iteration(residual, r, config.power_iters, config.seed)
+        parts["lowrank_a"] = a.to(torch.float16).reshape(batch, heads, tokens, -1)
+        parts["lowrank_b"] = b.to(torch.float16).reshape(batch, heads, head_dim, -1)
+    return CompressedChunk(**meta, **parts)

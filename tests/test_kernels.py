@@ -1,0 +1,293 @@
+"""Triton kernels against their torch references, on fresh random inputs with odd shapes.
+
+On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py); with
+CUDA they run for real. Every output and scratch buffer is poisoned (NaN, or all-ones codes)
+before each run, so an element a kernel forgets to write fails the comparison. The interpreter
+is slow per program, so shapes are small, blocks large and grids tiny; tile and split sizes
+are forced down where a test needs several tiles, splits or outlier blocks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("Triton kernels on CPU need TRITON_INTERPRET=1 (tests/conftest.py sets it)", allow_module_level=True)
+pytest.importorskip("triton")
+
+from gear_kernels import GearConfig, compress, decompress, resolve_kernel  # noqa: E402
+from gear_kernels import dispatch  # noqa: E402
+from gear_kernels import triton_attention as ta  # noqa: E402
+from gear_kernels import triton_quantize as tq  # noqa: E402
+from gear_kernels.attention_reference import decode_attention_torch, reconstruct  # noqa: E402
+
+# relative error (max |out - ref| / max |ref|) allowed per model dtype; bf16 also absorbs the
+# interpreter's truncating fp32 -> bf16 store (up to one bf16 ulp, 2^-7)
+TOL = {torch.float16: 4e-3, torch.bfloat16: 2.5e-2, torch.float32: 2e-5}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(tq, "POISON", True)
+    monkeypatch.setattr(ta, "POISON", True)
+
+
+def kv(batch: int, heads: int, tokens: int, dim: int, dtype: torch.dtype, seed: int, kind: str) -> torch.Tensor:
+    """Random K or V like a model's: keys with a few loud channels, values with rare spikes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, heads, tokens, dim, generator=g)
+    if kind == "key":
+        x = x * (1 + 6 * (torch.rand(dim, generator=g) < 0.08).float()) + 0.5
+    else:
+        x = x + 12 * (torch.rand(x.shape, generator=g) < 0.003).float()
+    return x.to(dtype).to(DEVICE)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "NaN in the output: an element was left unwritten"
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def assert_same_chunk(a, b, lowrank_exact: bool = True) -> None:
+    ta_, tb = a.tensors(), b.tensors()
+    assert ta_.keys() == tb.keys()
+    assert (a.shape, a.dtype, a.bits, a.per_channel, a.group) == (b.shape, b.dtype, b.bits, b.per_channel, b.group)
+    for name in ta_:
+        if name.startswith("lowrank") and not lowrank_exact:
+            torch.testing.assert_close(ta_[name], tb[name], rtol=2e-3, atol=2e-3)
+        else:
+            assert ta_[name].dtype == tb[name].dtype, name
+            assert torch.equal(ta_[name], tb[name]), f"{name} differs"
+
+
+# ---------------------------------------------------------------- quantize + pack
+
+QUANT_CASES = [  # backbone, bits, batch, tokens, head_dim, dtype, group_size
+    ("kivi", 2, 3, 37, 64, torch.float16, 32),
+    ("kivi", 3, 1, 70, 128, torch.bfloat16, 64),
+    ("kivi", 4, 1, 101, 64, torch.float16, 64),
+    ("kivi", 8, 3, 19, 128, torch.bfloat16, 16),
+    ("kcvt", 2, 1, 53, 128, torch.bfloat16, 64),
+    ("kcvt", 3, 3, 21, 64, torch.float16, 64),
+    ("kcvt", 4, 1, 66, 64, torch.float32, 64),
+    ("kcvt", 8, 1, 41, 128, torch.float16, 64),
+    ("flexgen", 2, 1, 29, 128, torch.float16, 48),
+    ("flexgen", 3, 3, 45, 64, torch.bfloat16, 64),
+    ("flexgen", 4, 1, 77, 128, torch.bfloat16, 32),
+    ("flexgen", 8, 3, 13, 64, torch.float16, 64),
+]
+
+
+@pytest.mark.parametrize("backbone,bits,batch,tokens,dim,dtype,group", QUANT_CASES)
+def test_quantize_pack_matches_reference_bitwise(backbone, bits, batch, tokens, dim, dtype, group):
+    """Codes, scales, zero points and outliers: the same bits as gear_kernels.compress."""
+    config = GearConfig(method="gear", bits=bits, backbone=backbone, group_size=group, rank_prompt=0)
+    for kind, seed in (("key", 1), ("value", 2)):
+        x = kv(batch, 2, tokens, dim, dtype, seed + bits, kind)
+        assert_same_chunk(tq.compress_triton(x, config, kind), compress(x, config, kind))
+
+
+@pytest.mark.parametrize("method,backbone,bits,kind,dtype,dim", [
+    ("gear", "kivi", 2, "key", torch.float16, 128),
+    ("gear-l", "flexgen", 3, "value", torch.bfloat16, 64),
+])
+def test_compress_with_lowrank_matches_reference(method, backbone, bits, kind, dtype, dim):
+    """The pack kernel's residual feeds the same power iteration: the same factors."""
+    config = GearConfig(method=method, bits=bits, backbone=backbone, rank_prompt=3)
+    x = kv(2, 2, 83, dim, dtype, 5, kind)
+    assert_same_chunk(tq.compress_triton(x, config, kind), compress(x, config, kind), lowrank_exact=DEVICE == "cpu")
+
+
+def test_quantize_edge_cases_match_reference():
+    """Constant groups (scale 0), groups whose every entry is an outlier, one token, tiny dims."""
+    config = GearConfig(method="gear", bits=2, group_size=4, outlier_ratio=0.5, rank_prompt=0)
+    const = torch.full((1, 1, 9, 16), -3.25, dtype=torch.float16, device=DEVICE)
+    for kind in ("key", "value"):
+        assert_same_chunk(tq.compress_triton(const, config, kind), compress(const, config, kind))
+        x = kv(1, 1, 5, 16, torch.float16, 3, kind)
+        assert_same_chunk(tq.compress_triton(x, config, kind), compress(x, config, kind))
+        one = kv(1, 2, 1, 16, torch.bfloat16, 4, kind)
+        assert_same_chunk(tq.compress_triton(one, config, kind), compress(one, config, kind))
+    # the largest fp16 values quantize (scale rounded up to exactly 65504 / 3 is fine)
+    near = torch.tensor([-65504.0, 65504.0, 0.0, 1.0] * 4, dtype=torch.float16, device=DEVICE).reshape(1, 1, 4, 4)
+    plain = GearConfig(method="kivi", bits=2, group_size=4)
+    for kind in ("key", "value"):
+        assert_same_chunk(tq.compress_triton(near, plain, kind), compress(near, plain, kind))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_quantize_refuses_what_the_reference_refuses():
+    big = torch.full((1, 1, 4, 16), 1e6, device=DEVICE)
+    big[..., 0, 0] = -1e6
+    with pytest.raises(ValueError, match="fp16 range"):
+        compress(big, GearConfig(method="kivi"), "value")
+    with pytest.raises(ValueError, match="fp16 range"):
+        tq.compress_triton(big, GearConfig(method="kivi"), "value")
+    bad = kv(1, 1, 4, 16, torch.float16, 0, "key")
+    bad[0, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        tq.compress_triton(bad, GearConfig(), "key")
+
+
+# ---------------------------------------------------------------- decode attention
+
+def segments(config, batch, heads, dim, dtype, lengths, seed, per_row=None, compressor=compress):
+    """Key and value segments: shared chunks of `lengths` tokens (the first at prompt rank),
+    preceded by a per-row prompt of per_row[b] tokens per row if given."""
+    keys, values = [], []
+    if per_row is not None:
+        rows_k, rows_v = [], []
+        for b, n in enumerate(per_row):
+            if n == 0:
+                rows_k.append(None)
+                rows_v.append(None)
+                continue
+            rows_k.append(compressor(kv(1, heads, n, dim, dtype, seed + 10 * b, "key"), config, "key"))
+            rows_v.append(compressor(kv(1, heads, n, dim, dtype, seed + 10 * b + 1, "value"), config, "value"))
+        keys.append(rows_k)
+        values.append(rows_v)
+    for i, n in enumerate(lengths):
+        rank = config.rank_prompt if i == 0 and per_row is None else config.rank_chunk
+        keys.append(compressor(kv(batch, heads, n, dim, dtype, seed + 100 + i, "key"), config, "key", rank))
+        values.append(compressor(kv(batch, heads, n, dim, dtype, seed + 200 + i, "value"), config, "value", rank))
+    return keys, values
+
+
+ATTN_CASES = [
+    # method, backbone, bits, group, dim, ratio, batch, q_len, dtype, shared lengths, per-row, n_buf, pad, block_n, split
+    ("gear", "kivi", 2, 64, 128, 1, 1, 1, torch.float16, (101, 64), None, 5, False, None, None),
+    ("gear", "kivi", 2, 32, 64, 3, 3, 1, torch.bfloat16, (150,), None, 7, True, 16, 48),
+    ("gear", "flexgen", 4, 64, 128, 8, 3, 1, torch.float16, (77,), None, 3, False, 32, None),
+    ("gear-l", "kcvt", 3, 64, 64, 3, 1, 3, torch.bfloat16, (45, 64), None, 9, False, None, None),
+    ("kivi", "kivi", 8, 64, 128, 1, 3, 1, torch.float16, (90,), None, 0, True, 32, 64),
+    ("gear", "kivi", 3, 64, 128, 8, 3, 1, torch.bfloat16, (64,), (70, 0, 33), 2, False, 32, 32),
+    ("none", "kivi", 2, 64, 64, 3, 3, 2, torch.float16, (40,), None, 4, True, None, None),
+    ("gear", "kivi", 2, 64, 64, 1, 1, 1, torch.float32, (130,), None, 1, False, None, None),
+    ("gear", "kivi", 2, 16, 64, 3, 1, 1, torch.float16, (70,), None, 0, False, 32, None),
+    ("gear", "kcvt", 4, 8, 16, 3, 3, 1, torch.bfloat16, (21, 8), (5, 12, 9), 3, False, 16, 16),
+]
+
+
+@pytest.mark.parametrize(
+    "method,backbone,bits,group,dim,ratio,batch,q_len,dtype,lengths,per_row,n_buf,pad,block_n,split", ATTN_CASES
+)
+def test_decode_attention_matches_reference(method, backbone, bits, group, dim, ratio, batch, q_len, dtype,
+                                            lengths, per_row, n_buf, pad, block_n, split):
+    heads = 2 if ratio < 8 else 1
+    seed = bits * 7 + dim + ratio
+    config = GearConfig(method=method, backbone=backbone, bits=bits, group_size=group, rank_prompt=4, rank_chunk=2)
+    keys, values = segments(config, batch, heads, dim, dtype, lengths, seed, per_row)
+    k_buf = kv(batch, heads, n_buf, dim, dtype, seed + 1, "key") if n_buf else None
+    v_buf = kv(batch, heads, n_buf, dim, dtype, seed + 2, "value") if n_buf else None
+    q = kv(batch, heads * ratio, q_len, dim, dtype, seed + 3, "value")
+    pad_len = torch.tensor([3, 0, 30][:batch]) if pad else None
+    scale = dim ** -0.5
+
+    ref = decode_attention_torch(q, keys, values, k_buf, v_buf, scale, pad_len)
+    out = torch.full_like(q, float("nan"))
+    ta.decode_attention_triton(q, keys, values, k_buf, v_buf, scale, pad_len, block_n=block_n, split_tokens=split,
+                               out=out)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_dispatch_triton_matches_torch_and_mixes_compressors():
+    """decode_attention(kernel=...) on chunks made by compress_triton, 2 and 3 shared segments."""
+    config = GearConfig(method="gear", bits=2, group_size=32, kernel="triton")
+    keys, values = segments(config, 2, 2, 64, torch.float16, (40, 32), 9, compressor=dispatch.compress)
+    assert keys[0].outlier_index is not None
+    k_buf = kv(2, 2, 6, 64, torch.float16, 1, "key")
+    v_buf = kv(2, 2, 6, 64, torch.float16, 2, "value")
+    q = kv(2, 6, 1, 64, torch.float16, 3, "value")
+    ours = dispatch.decode_attention(q, keys, values, k_buf, v_buf, 0.125, kernel="triton")
+    ref = dispatch.decode_attention(q, keys, values, k_buf, v_buf, 0.125, kernel="torch")
+    assert rel_err(ours, ref) < TOL[torch.float16]
+    # q_len larger than the buffer: the triton request falls back to torch (same function)
+    q3 = kv(2, 6, 3, 64, torch.float16, 4, "value")
+    short = dispatch.decode_attention(q3, keys, values, k_buf[:, :, :2], v_buf[:, :, :2], 0.125, kernel="triton")
+    ref3 = decode_attention_torch(q3, keys, values, k_buf[:, :, :2], v_buf[:, :, :2], 0.125)
+    assert torch.equal(short, ref3)
+
+
+def test_resolve_kernel():
+    assert resolve_kernel("torch", "cuda") == "torch"
+    assert resolve_kernel("auto", "cpu") == "torch"
+    assert resolve_kernel("triton", "cpu") == "triton"
+    if torch.cuda.is_available():
+        assert resolve_kernel("auto", "cuda") == "triton"
+    with pytest.raises(ValueError, match="kernel="):
+        resolve_kernel("cuda", "cpu")
+
+
+# ---------------------------------------------------------------- the torch reference itself
+
+def naive_attention(q, keys, values, k_buf, v_buf, scale, pad_len):
+    """decompress() everything, repeat K/V per query head, one row at a time, explicit masks."""
+    batch, q_heads, q_len, dim = q.shape
+    outs = []
+    for b in range(batch):
+        ks, vs = [], []
+        for kseg, vseg in zip(keys, values):
+            kc, vc, row = (kseg[b], vseg[b], 0) if isinstance(kseg, list) else (kseg, vseg, b)
+            if kc is not None:
+                ks.append(decompress(kc)[row].float())
+                vs.append(decompress(vc)[row].float())
+        if k_buf is not None:
+            ks.append(k_buf[b].float())
+            vs.append(v_buf[b].float())
+        k, v = torch.cat(ks, 1), torch.cat(vs, 1)
+        n = k.shape[1]
+        ratio = q_heads // k.shape[0]
+        k, v = k.repeat_interleave(ratio, 0), v.repeat_interleave(ratio, 0)
+        mask = torch.ones(q_len, n, dtype=torch.bool, device=q.device).tril(n - q_len)
+        if pad_len is not None:
+            mask[:, : int(pad_len[b])] = False
+        outs.append(torch.nn.functional.scaled_dot_product_attention(q[b].float(), k, v, attn_mask=mask, scale=scale))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("per_row,pad,q_len", [(None, True, 1), ((9, 0, 20), False, 3)])
+def test_torch_reference_is_attention_over_the_decompressed_cache(per_row, pad, q_len):
+    config = GearConfig(method="gear", bits=4, group_size=8)
+    keys, values = segments(config, 3, 2, 16, torch.float32, (12, 8), 4, per_row)
+    k_buf = kv(3, 2, 4, 16, torch.float32, 1, "key")
+    v_buf = kv(3, 2, 4, 16, torch.float32, 2, "value")
+    q = kv(3, 6, q_len, 16, torch.float32, 3, "value")
+    pad_len = torch.tensor([2, 0, 15]) if pad else None
+    ours = decode_attention_torch(q, keys, values, k_buf, v_buf, 0.3, pad_len)
+    torch.testing.assert_close(ours, naive_attention(q, keys, values, k_buf, v_buf, 0.3, pad_len), rtol=1e-5, atol=1e-5)
+
+
+def test_reconstruct_is_decompress_before_rounding():
+    x = kv(2, 2, 33, 64, torch.float32, 8, "key")
+    chunk = compress(x, GearConfig(method="gear", bits=3), "key")
+    assert torch.equal(reconstruct(chunk), decompress(chunk))
+    half = compress(x.half(), GearConfig(method="gear", bits=3), "key")
+    torch.testing.assert_close(reconstruct(half).half(), decompress(half), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("fn", [decode_attention_torch, ta.decode_attention_triton])
+def test_bad_calls_are_refused(fn):
+    config = GearConfig(method="kivi", bits=2, group_size=8)
+    keys, values = segments(config, 2, 2, 16, torch.float16, (8,), 1)
+    buf = kv(2, 2, 2, 16, torch.float16, 1, "key")
+    q = kv(2, 4, 1, 16, torch.float16, 2, "key")
+    fn(q, keys, values, buf, buf, 0.25)  # fine
+    with pytest.raises(ValueError, match="multiple"):
+        fn(kv(2, 3, 1, 16, torch.float16, 2, "key"), keys, values, buf, buf, 0.25)
+    with pytest.raises(ValueError, match="dtype"):
+        fn(q.float(), keys, values, buf.float(), buf.float(), 0.25)
+    with pytest.raises(ValueError, match="value segments"):
+        fn(q, keys, values[:0], buf, buf, 0.25)
+    with pytest.raises(ValueError, match="does not fit batch 1"):
+        fn(q, [[keys[0], None]], [[values[0], None]], buf, buf, 0.25)  # batch-2 chunk inside a per-row list
+    with pytest.raises(ValueError, match="pad_len"):
+        row = compress(buf[:1], config, "key")
+        fn(q, [[row, row]], [[row, row]], buf, buf, 0.25, torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="fewer than"):
+        fn(kv(2, 4, 12, 16, torch.float16, 2, "key"), keys, values, buf, buf, 0.25)
+    with pytest.raises(ValueError, match="nothing to see"):
+        fn(q, keys, values, buf, buf, 0.25, torch.tensor([0, 10]))
