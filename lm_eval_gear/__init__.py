@@ -2,6 +2,7 @@
 
 from gear_kernels import GearConfig
 
+from .attention import use_gear_attention
 from .cache import GearCache
 
-__all__ = ["GearCache", "GearConfig"]
+__all__ = ["GearCache", "GearConfig", "use_gear_attention"]

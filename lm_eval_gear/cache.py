@@ -21,7 +21,10 @@ import math
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from gear_kernels import CompressedChunk, GearConfig, compress, decompress
+from gear_kernels import CompressedChunk, GearConfig, decompress, resolve_kernel
+from gear_kernels.dispatch import compress
+
+from .attention import PackedKV, stand_in, uses_gear_attention
 
 def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
     """(batch, tokens) 0/1 mask -> (batch,) count of leading pad positions; rejects other padding."""
@@ -42,10 +45,11 @@ class GearLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, config: GearConfig, pad_len: torch.Tensor | None = None):
+    def __init__(self, config: GearConfig, pad_len: torch.Tensor | None = None, packed_attention: bool = False):
         super().__init__()
         self.config = config
         self.pad_len = pad_len  # (batch,) leading pad positions of the prompt, or None
+        self.packed_attention = packed_attention  # the model attends with lm_eval_gear.attention
         self.reset()
 
     def reset(self) -> None:
@@ -58,6 +62,12 @@ class GearLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.kernel = resolve_kernel(self.config.kernel, self.device)
+        if self.config.kernel == "triton" and not self.packed_attention:
+            raise ValueError(
+                "kernel=triton attends straight from the packed cache: call "
+                "lm_eval_gear.use_gear_attention(model) before building the GearCache"
+            )
         batch = key_states.shape[0]
         if self.pad_len is None:
             self.pad_len = torch.zeros(batch, dtype=torch.long)
@@ -77,8 +87,11 @@ class GearLayer(CacheLayerMixin):
         self._check_like_prompt(key_states)
         self.buffer_k = key_states if self.buffer_k is None else torch.cat([self.buffer_k, key_states], dim=-2)
         self.buffer_v = value_states if self.buffer_v is None else torch.cat([self.buffer_v, value_states], dim=-2)
-        keys, values = self.reconstruct()
-        self._flush_full_buffer()
+        if self.packed_attention:
+            keys, values = stand_in(self.packed(), self.get_seq_length())
+        else:
+            keys, values = self.reconstruct()
+        self._flush_full_buffer()  # after: the newest tokens are attended to exactly
         return keys, values
 
     def _compress_prompt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -125,6 +138,15 @@ class GearLayer(CacheLayerMixin):
         keys = [prompt_k] + [decompress(k) for k, _ in self.chunks] + [self.buffer_k]
         values = [prompt_v] + [decompress(v) for _, v in self.chunks] + [self.buffer_v]
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+
+    def packed(self) -> PackedKV:
+        """The segments attention reads: per-row prompt chunks, streamed chunks, the buffer."""
+        prompt = [[None if p is None else p[i] for p in self.prompt] for i in (0, 1)]
+        return PackedKV(
+            key_segments=[prompt[0]] + [k for k, _ in self.chunks],
+            value_segments=[prompt[1]] + [v for _, v in self.chunks],
+            buffer_k=self.buffer_k, buffer_v=self.buffer_v, kernel=self.kernel,
+        )
 
     def get_seq_length(self) -> int:
         if not self.is_initialized:
@@ -194,13 +216,16 @@ class GearCache(Cache):
     def __init__(self, config: GearConfig, model_config=None, attention_mask: torch.Tensor | None = None):
         self.config = config
         self.pad_len = None if attention_mask is None else left_padding(attention_mask).cpu()
+        self.packed_attention = uses_gear_attention(model_config)
         if model_config is None:
             super().__init__(layer_class_to_replicate=self._new_layer)
         else:
             super().__init__(layers=[self._compressing(layer, model_config) for layer in _dynamic_layers(model_config)])
 
     def _new_layer(self) -> CacheLayerMixin:
-        return GearLayer(self.config, self.pad_len) if self.config.compresses else DynamicLayer()
+        if not self.config.compresses:
+            return DynamicLayer()
+        return GearLayer(self.config, self.pad_len, self.packed_attention)
 
     def _compressing(self, layer: CacheLayerMixin, model_config) -> CacheLayerMixin:
         """The layer GearCache uses where DynamicCache would use `layer`."""

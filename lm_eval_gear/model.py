@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from gear_kernels import GearConfigError
+from gear_kernels import GearConfigError, resolve_kernel
 
 from . import registration
+from .attention import use_gear_attention
 from .cache import COMPONENTS, GearCache
 from .compat import cache_kwarg
 from .forcing import forward_with_cache
@@ -123,6 +124,8 @@ class GearHFLM(HFLM):
                 f"gear-hf: method={self.gear_config.method} needs a decoder-only model; this one is "
                 f"{self.backend}. Use method=none (or --model hf)."
             )
+        if self.gear_config.compresses and resolve_kernel(self.gear_config.kernel, self.device) == "triton":
+            use_gear_attention(self.model)  # decode attention reads the packed cache directly
         self._kv_local = KVMemoryMeter()  # since the last sync
         self._kv_total = KVMemoryMeter()  # the whole run (merged over ranks on rank 0)
         if self.device.type == "cuda":
