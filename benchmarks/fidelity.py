@@ -3,7 +3,7 @@
 Every configuration runs in the same process on the same prompts, beside the exact cache and
 transformers' QuantizedCache (quanto, HQQ), so the ratios are comparable:
 
-    python benchmarks/fidelity.py --questions 20 --tokens 128 --plot benchmarks/fidelity.png
+    python -m benchmarks.fidelity --questions 20 --tokens 128 --plot benchmarks/fidelity.png
 
 Teacher-forced (the main gauge, DESIGN.md section 5): the exact greedy continuation is fed
 through each cache and every step's next-token distribution is compared with the exact one.
@@ -30,7 +30,7 @@ from lm_eval_gear.fidelity import agreement, exact_run, teacher_forced_logits
 from lm_eval_gear.forcing import forward_with_cache
 from lm_eval_gear.smollm2 import load_smollm2
 from lm_eval_gear.tasks.gear_cot import gsm8k_answer, gsm8k_gold, gsm8k_prompt
-from smollm2 import DEFAULT_DATA_DIR, gsm8k_docs
+from benchmarks.smollm2 import DEFAULT_DATA_DIR, gsm8k_docs
 
 GEAR_CONFIGS = {
     "kivi-2": GearConfig(method="kivi", bits=2),

@@ -1,6 +1,6 @@
 """The mission's command, measured: `lm_eval --model gear-hf ... --tasks gsm8k_cot_gear` per config.
 
-    python benchmarks/lm_eval_gsm8k.py --limit 50 --batch-size 8
+    python -m benchmarks.lm_eval_gsm8k --limit 50 --batch-size 8
 
 Runs the stock lm_eval CLI once per configuration (none, gear-2, kivi-2, kivi-4, and `--model
 hf` for the overhead of gear-hf itself), each on the same questions, and prints accuracy,
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from lm_eval_gear.tasks.gear_cot import gsm8k_answer
-from smollm2 import DEFAULT_DATA_DIR
+from benchmarks.smollm2 import DEFAULT_DATA_DIR
 
 RUNS = {
     "hf": ("hf", "pretrained={model_dir},gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf"),

@@ -13,6 +13,7 @@ import torch
 
 from lm_eval_gear.compat import cache_kwarg
 from lm_eval_gear.smollm2 import load_smollm2 as _load
+from lm_eval_gear.tasks.gear_cot import gsm8k_prompt
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -23,13 +24,15 @@ def load_smollm2():
     return model.eval(), tokenizer
 
 
+def gsm8k_docs(data_dir: Path, count: int) -> list[dict]:
+    """The first `count` GSM8K test problems, {"question", "answer"}."""
+    with open(Path(data_dir) / "gsm8k" / "test.jsonl") as lines:
+        return [json.loads(line) for line, _ in zip(lines, range(count))]
+
+
 def gsm8k_prompts(data_dir: Path, count: int) -> list[str]:
-    """The GEAR paper's GSM8K prompts for the first `count` test questions."""
-    data_dir = Path(data_dir)
-    fewshot = (data_dir / "prompts" / "gsm8k_8shot_cot.txt").read_text()
-    with open(data_dir / "gsm8k" / "test.jsonl") as lines:
-        questions = [json.loads(line)["question"] for line, _ in zip(lines, range(count))]
-    return [fewshot + "\nQuestion: " + question + "\n" for question in questions]
+    """The GEAR paper's GSM8K prompts (as gsm8k_cot_gear builds them) for the first `count` questions."""
+    return [gsm8k_prompt(doc) for doc in gsm8k_docs(data_dir, count)]
 
 
 @torch.no_grad()

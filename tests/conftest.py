@@ -42,7 +42,16 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
-def smollm2_kv(smollm2, data_dir) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def gsm8k_prompt(data_dir) -> str:
+    """The GEAR paper's GSM8K 8-shot prompt for the first test question, as gsm8k_cot_gear builds it."""
+    from lm_eval_gear.tasks.gear_cot import gsm8k_prompt as build
+
+    with open(data_dir / "gsm8k" / "test.jsonl") as lines:
+        return build(json.loads(next(lines)))
+
+
+@pytest.fixture(scope="session")
+def smollm2_kv(smollm2, gsm8k_prompt) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (keys, values), each (1, 3 kv heads, tokens, 64) fp32: SmolLM2's prefill of the
     GEAR paper's GSM8K 8-shot prompt plus the first test question."""
     from transformers import DynamicCache
@@ -50,10 +59,7 @@ def smollm2_kv(smollm2, data_dir) -> list[tuple[torch.Tensor, torch.Tensor]]:
     from lm_eval_gear.compat import cache_kwarg
 
     model, tokenizer = smollm2
-    with open(data_dir / "gsm8k" / "test.jsonl") as lines:
-        question = json.loads(next(lines))["question"]
-    prompt = (data_dir / "prompts" / "gsm8k_8shot_cot.txt").read_text() + "\nQuestion: " + question + "\n"
-    ids = tokenizer(prompt, return_tensors="pt").input_ids  # (1, tokens)
+    ids = tokenizer(gsm8k_prompt, return_tensors="pt").input_ids  # (1, tokens)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():  # logits_to_keep=1: only the cache is wanted
         model(ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
