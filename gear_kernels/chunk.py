@@ -97,9 +97,35 @@ def _check_input(x: torch.Tensor, kind: str) -> None:
         raise ValueError(f"dtype {x.dtype} is not supported: use float32, float16 or bfloat16")
 
 
-def compress(x: torch.Tensor, config: GearConfig, kind: str, rank: int | None = None) -> CompressedChunk:
+def quantize_pack_torch(
+    x: torch.Tensor, exclude: torch.Tensor | None, bits: int, group: int, per_channel: bool,
+    want_residual: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x (rows, T, D) -> codes (rows, words), scale and zero fp16 ((rows, D, n_groups) if
+    per_channel else (rows, T, n_groups)), residual x - dequantized (rows, T, D) fp32 or None.
+
+    exclude (rows, T*D) bool or None: entries left out of the min/max (outliers), residual 0.
+    The torch reference of triton_quantize.quantize_pack.
+    """
+    rows, tokens, head_dim = x.shape
+    xf = x.float()
+    skip = None if exclude is None else exclude.bool().reshape(rows, tokens, head_dim)
+    codes, scale, zero = quantize(
+        _to_groups(xf, per_channel), None if skip is None else _to_groups(skip, per_channel), bits, group
+    )
+    packed = pack(_from_groups(codes, per_channel).reshape(rows, -1), bits)
+    if not want_residual:
+        return packed, scale, zero, None
+    residual = xf - _from_groups(dequantize(codes, scale, zero, group), per_channel)
+    return packed, scale, zero, residual if skip is None else torch.where(skip, 0.0, residual)
+
+
+def compress(
+    x: torch.Tensor, config: GearConfig, kind: str, rank: int | None = None, quantize_pack=quantize_pack_torch
+) -> CompressedChunk:
     """x (batch, kv_heads, tokens, head_dim) -> CompressedChunk; rank defaults to the prompt rank.
 
+    quantize_pack: the quantization step, quantize_pack_torch or its Triton twin (same output).
     NaN or Inf anywhere in x is refused with a ValueError: a non-finite entry would corrupt the
     scale of its group and the low-rank factors of its whole slice.
     """
@@ -116,29 +142,26 @@ def compress(x: torch.Tensor, config: GearConfig, kind: str, rank: int | None = 
             "non-finite input (it would poison its neighbours); run the model in a wider dtype "
             "(bfloat16 or float32) or use method=none"
         )
-    rows = x.float().reshape(batch * heads, tokens * head_dim)  # one row per (batch, head) slice
-    parts: dict[str, torch.Tensor] = {}
-
-    exclude = torch.zeros_like(rows, dtype=torch.bool)
-    if config.uses_outliers:
-        index = select_outliers(rows, config.outlier_ratio)  # (rows, 2k)
-        exclude.scatter_(-1, index, True)
-        parts["outlier_values"] = x.reshape(batch * heads, -1).gather(-1, index).reshape(batch, heads, -1)
-        parts["outlier_index"] = index.to(index_dtype(tokens * head_dim)).reshape(batch, heads, -1)
-
-    grid = _to_groups(rows.reshape(batch, heads, tokens, head_dim), per_channel)
-    codes, scale, zero = quantize(grid, _to_groups(exclude.reshape(x.shape), per_channel), config.bits, group)
-    codes = _from_groups(codes, per_channel).reshape(batch, heads, -1)
-    parts.update(codes=pack(codes, config.bits), scale=scale, zero=zero)
-
     r = config.rank_prompt if rank is None else rank
     if r < 0:
         raise ValueError(f"rank={r} is invalid: allowed an integer >= 0")
-    if config.uses_lowrank and r > 0:
-        approx = _from_groups(dequantize(_to_groups(unpack(parts["codes"], config.bits, tokens * head_dim)
-                                                    .reshape(x.shape), per_channel), scale, zero, group), per_channel)
-        residual = torch.where(exclude.reshape(x.shape), 0.0, rows.reshape(x.shape) - approx)
-        a, b = power_iteration(residual.reshape(-1, tokens, head_dim), r, config.power_iters, config.seed)
+    xs = x.reshape(batch * heads, tokens, head_dim).contiguous()  # one row per (batch, head) slice
+    parts: dict[str, torch.Tensor] = {}
+
+    exclude = None
+    if config.uses_outliers:
+        flat = xs.reshape(batch * heads, -1)
+        index = select_outliers(flat.float(), config.outlier_ratio)  # (rows, 2k), ascending
+        exclude = torch.zeros(flat.shape, dtype=torch.bool, device=x.device).scatter_(-1, index, True)
+        parts["outlier_values"] = flat.gather(-1, index).reshape(batch, heads, -1)
+        parts["outlier_index"] = index.to(index_dtype(tokens * head_dim)).reshape(batch, heads, -1)
+
+    want_lowrank = config.uses_lowrank and r > 0
+    codes, scale, zero, residual = quantize_pack(xs, exclude, config.bits, group, per_channel, want_lowrank)
+    parts.update(codes=codes.reshape(batch, heads, -1), scale=scale.reshape(batch, heads, *scale.shape[1:]),
+                 zero=zero.reshape(batch, heads, *zero.shape[1:]))
+    if want_lowrank:
+        a, b = power_iteration(residual, r, config.power_iters, config.seed)
         parts["lowrank_a"] = a.to(torch.float16).reshape(batch, heads, tokens, -1)
         parts["lowrank_b"] = b.to(torch.float16).reshape(batch, heads, head_dim, -1)
     return CompressedChunk(**meta, **parts)

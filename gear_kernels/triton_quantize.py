@@ -30,10 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import CompressedChunk, _check_input, grouping
+from .chunk import CompressedChunk, compress
 from .config import GearConfig
-from .lowrank import power_iteration
-from .outliers import index_dtype, select_outliers
 from .packing import CODES_PER_WORD, WORD_DTYPE, packed_length
 from .quantize import FP16_MAX, levels
 from . import triton_device as td
@@ -251,39 +249,4 @@ def quantize_pack(
 
 def compress_triton(x: torch.Tensor, config: GearConfig, kind: str, rank: int | None = None) -> CompressedChunk:
     """chunk.compress with the quantization and packing done by Triton kernels (same output)."""
-    _check_input(x, kind)
-    batch, heads, tokens, head_dim = x.shape
-    per_channel, group = grouping(kind, config.backbone, config.group_size, tokens, head_dim)
-    meta = dict(shape=tuple(x.shape), dtype=x.dtype, bits=config.bits, per_channel=per_channel, group=group)
-    if not config.compresses:
-        return CompressedChunk(**meta, exact=x.clone())
-    bad = (~torch.isfinite(x)).sum().item()
-    if bad:
-        raise ValueError(
-            f"{bad} NaN/Inf entries in the {kind} chunk of shape {tuple(x.shape)}: GEAR refuses "
-            "non-finite input (it would poison its neighbours); run the model in a wider dtype "
-            "(bfloat16 or float32) or use method=none"
-        )
-    rows = batch * heads
-    xs = x.reshape(rows, tokens, head_dim).contiguous()
-    parts: dict[str, torch.Tensor] = {}
-    exclude = None
-    if config.uses_outliers:
-        index = select_outliers(xs.reshape(rows, -1).float(), config.outlier_ratio)  # sorted (rows, 2k)
-        exclude = torch.zeros((rows, tokens * head_dim), dtype=torch.uint8, device=x.device)
-        exclude.scatter_(-1, index, 1)
-        parts["outlier_values"] = xs.reshape(rows, -1).gather(-1, index).reshape(batch, heads, -1)
-        parts["outlier_index"] = index.to(index_dtype(tokens * head_dim)).reshape(batch, heads, -1)
-    r = config.rank_prompt if rank is None else rank
-    if r < 0:
-        raise ValueError(f"rank={r} is invalid: allowed an integer >= 0")
-    want_lr = config.uses_lowrank and r > 0
-    codes, scale, zero, residual = quantize_pack(xs, exclude, config.bits, group, per_channel, want_lr)
-    dims = (batch, heads)
-    parts.update(codes=codes.reshape(*dims, -1), scale=scale.reshape(*dims, *scale.shape[1:]),
-                 zero=zero.reshape(*dims, *zero.shape[1:]))
-    if want_lr:
-        a, b = power_iteration(residual, r, config.power_iters, config.seed)
-        parts["lowrank_a"] = a.to(torch.float16).reshape(batch, heads, tokens, -1)
-        parts["lowrank_b"] = b.to(torch.float16).reshape(batch, heads, head_dim, -1)
-    return CompressedChunk(**meta, **parts)
+    return compress(x, config, kind, rank, quantize_pack=quantize_pack)
