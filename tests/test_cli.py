@@ -19,9 +19,9 @@ These need the package installed (`pip install -e .` or `pip install .`): that i
 from __future__ import annotations
 
 import glob
-import importlib.metadata
 import json
 import os
+import site
 import subprocess
 import sys
 import textwrap
@@ -66,20 +66,18 @@ PROBE = textwrap.dedent(
 
 
 def _installed_with_hook() -> bool:
-    try:
-        dist = importlib.metadata.distribution("lm-eval-gear")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return any(Path(str(f)).name == "lm_eval_gear_hook.pth" for f in dist.files or [])
+    """Whether pip put the start-up hook in this interpreter's site-packages (an editable
+    install's source tree also holds an egg-info, so package metadata alone cannot tell)."""
+    return any((Path(p) / "lm_eval_gear_hook.pth").is_file() for p in site.getsitepackages())
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     if not _installed_with_hook():
-        pytest.skip("lm-eval-gear is not pip-installed in this environment (pip install -e .)")
+        pytest.fail("lm-eval-gear is not pip-installed in this environment: run pip install -e . (or bash .ci/setup)")
     lm_eval = Path(sys.executable).with_name("lm_eval")
     if not lm_eval.exists():
-        pytest.skip(f"no lm_eval command next to {sys.executable}")
+        pytest.fail(f"no lm_eval command next to {sys.executable}: install lm-eval in this environment")
     root = tmp_path_factory.mktemp("cli")
     model = str(build_tiny_lm(root / "model"))
     data = write_task_data(root / "data")
