@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import datasets
@@ -22,14 +21,6 @@ _spec.loader.exec_module(gear_cot)
 BBH_SUBTASKS = sorted(p.stem for p in (TASKS / "prompts" / "bbh").glob("*.txt"))
 # BBH tasks hold 250 examples, except these three
 BBH_SIZES = {"causal_judgement": 187, "penguins_in_a_table": 146, "snarks": 178}
-
-
-@pytest.fixture(scope="module")
-def data_dir():
-    path = Path(os.environ.get("GEAR_DATA_DIR") or REPO.parent / "shared" / "data")
-    if not (path / "gsm8k" / "test.jsonl").is_file():
-        pytest.skip(f"no benchmark data at {path} (set GEAR_DATA_DIR)")
-    return path
 
 
 def _no_hub(*args, **kwargs):
