@@ -22,12 +22,12 @@ from pathlib import Path
 from lm_eval_gear.tasks.gear_cot import gsm8k_answer
 from benchmarks.smollm2 import DEFAULT_DATA_DIR
 
-RUNS = {
-    "hf": ("hf", "pretrained={model_dir},gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf"),
+RUNS = {  # none first: the others are compared with it
     "none": ("gear-hf", "method=none"),
     "gear-2": ("gear-hf", "method=gear,bits=2"),
     "kivi-2": ("gear-hf", "method=kivi,bits=2"),
     "kivi-4": ("gear-hf", "method=kivi,bits=4"),
+    "hf": ("hf", "pretrained={model_dir},gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 
@@ -64,16 +64,17 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--runs", default=",".join(RUNS))
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = {name: run(name, args.limit, args.batch_size, args.data, Path(tmp)) for name in args.runs.split(",")}
-    base = rows["none"]["answers"]
-    print(f"\nlm_eval gsm8k_cot_gear --limit {args.limit} --batch_size {args.batch_size}, SmolLM2-135M-Instruct (fp32)\n")
+    print(f"lm_eval gsm8k_cot_gear --limit {args.limit} --batch_size {args.batch_size}, SmolLM2-135M-Instruct (fp32)\n")
     print("| run | accuracy | same answer as none | KV bits/elem | wall time (s) | wall vs none |")
-    print("|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        same = sum(a == b for a, b in zip(r["answers"], base)) / len(base)
-        bits = "-" if r["bits"] is None else f"{r['bits']:.2f}"
-        print(f"| {name} | {r['accuracy']:.3f} | {same:.2f} | {bits} | {r['wall']:.0f} | {r['wall'] / rows['none']['wall']:.2f} |")
+    print("|---|---|---|---|---|---|", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        none = run("none", args.limit, args.batch_size, args.data, Path(tmp))
+        for name in args.runs.split(","):
+            r = none if name == "none" else run(name, args.limit, args.batch_size, args.data, Path(tmp))
+            same = sum(a == b for a, b in zip(r["answers"], none["answers"])) / len(none["answers"])
+            bits = "-" if r["bits"] is None else f"{r['bits']:.2f}"
+            print(f"| {name} | {r['accuracy']:.3f} | {same:.2f} | {bits} | {r['wall']:.0f} "
+                  f"| {r['wall'] / none['wall']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
