@@ -283,8 +283,8 @@ class Cache:
         return ([k.select_rows(index)], [v.select_rows(index)], self.k_buf[:batch], self.v_buf[:batch])
 
 
-def time_rows(tokens_list, batches, heads, ratio, dim, dtype, n_buf, bandwidth):
-    rows = []
+def time_rows(tokens_list, batches, heads, ratio, dim, dtype, n_buf):
+    """Yield (tokens, batch, kernel, seconds, bytes moved, SDPA seconds or None) as each is timed."""
     config = GearConfig(method="gear", bits=2, backbone="kivi")
     for tokens in tokens_list:
         cache = Cache(config, max(batches), heads, tokens, dim, dtype, n_buf, seed=tokens)
@@ -299,7 +299,7 @@ def time_rows(tokens_list, batches, heads, ratio, dim, dtype, n_buf, bandwidth):
                 return torch.nn.functional.scaled_dot_product_attention(q, k_full, v_full, scale=scale, enable_gqa=True)
 
             sdpa_s = bench(sdpa)
-            rows.append((tokens, batch, "SDPA fp16 cache", sdpa_s, sdpa_bytes, sdpa_s))
+            yield tokens, batch, "SDPA fp16 cache", sdpa_s, sdpa_bytes, sdpa_s
             for method in ("gear", "kivi"):
                 keys, values, k_buf, v_buf = cache.rows(method, batch)
                 out = torch.empty_like(q)
@@ -308,7 +308,7 @@ def time_rows(tokens_list, batches, heads, ratio, dim, dtype, n_buf, bandwidth):
                 def attend():
                     return ta.decode_attention_triton(q, keys, values, k_buf, v_buf, scale, out=out)
 
-                rows.append((tokens, batch, f"decode attention {method} 2-bit", bench(attend), moved, sdpa_s))
+                yield tokens, batch, f"decode attention {method} 2-bit", bench(attend), moved, sdpa_s
                 del keys, values
             x = cache.k[:batch].reshape(batch * heads, tokens, dim)
             index = select_outliers(x.reshape(batch * heads, -1).float(), config.outlier_ratio)
@@ -319,12 +319,11 @@ def time_rows(tokens_list, batches, heads, ratio, dim, dtype, n_buf, bandwidth):
             # writes codes and the fp32 residual
             moved = 2 * tensor_bytes(x, exclude) + 3 * tensor_bytes(scale_t, zero) + tensor_bytes(codes, residual)
             quant_s = bench(lambda: tq.quantize_pack(x, exclude, 2, 64, True, True))
-            rows.append((tokens, batch, "quantize+pack keys (2-bit, +residual)", quant_s, moved, None))
+            yield tokens, batch, "quantize+pack keys (2-bit, +residual)", quant_s, moved, None
             del x, exclude, codes, residual, k_full, v_full
         del cache
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
-    return rows
 
 
 def tune(heads, ratio, dim, dtype, n_buf, tokens, batches):
@@ -408,17 +407,18 @@ def main() -> int:
     if not OPTS.no_tune and not small:
         print("\ntile sweep:")
         print("\n".join(tune(heads, ratio, dim, dtype, n_buf, 8192, [1, 8])), flush=True)
-    rows = time_rows(tokens_list, batches, heads, ratio, dim, dtype, n_buf, bandwidth)
     print(f"\nkv_heads {heads}, q_heads {heads * ratio}, head_dim {dim}, {str(dtype)[6:]}, gear = 2-bit kivi "
           f"backbone, group 64, 2% outliers, rank 4; cache = one compressed prompt chunk + {n_buf} exact tokens; "
           f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; tiles {ta.TUNING}\n")
     print("| cached tokens | batch | kernel | time (us) | bytes moved (MB) | GB/s | % of copy BW | vs SDPA fp16 |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|")
-    for tokens, batch, kernel, seconds, moved, sdpa_s in rows:
+    # rows print as they are timed, so a run cut short still reports what it measured
+    for tokens, batch, kernel, seconds, moved, sdpa_s in time_rows(tokens_list, batches, heads, ratio, dim,
+                                                                     dtype, n_buf):
         speed = moved / seconds
         versus = f"{sdpa_s / seconds:.2f}x" if sdpa_s is not None else ""
         print(f"| {tokens} | {batch} | {kernel} | {seconds * 1e6:.1f} | {moved / 1e6:.2f} | {speed / 1e9:.0f} | "
-              f"{100 * speed / bandwidth:.0f}% | {versus} |")
+              f"{100 * speed / bandwidth:.0f}% | {versus} |", flush=True)
     print(f"\ntotal {time.time() - started:.0f}s; {len(failed)} failed checks")
     return 1 if failed else 0
 
