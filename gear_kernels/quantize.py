@@ -52,7 +52,9 @@ def quantize(
     lo = torch.where(empty, 0.0, lo)
     hi = torch.where(empty, 0.0, hi)
     zero = _round_fp16(lo, -math.inf)
-    scale = _round_fp16((hi - zero.float()) / top, math.inf)
+    # Divide by a tensor, not a Python number: CUDA computes x / number as x * (1 / number),
+    # which is not IEEE division and would round some scales up one fp16 step too far.
+    scale = _round_fp16((hi - zero.float()) / torch.full_like(hi, top), math.inf)
     if not (torch.isfinite(zero).all() and torch.isfinite(scale).all()):
         raise ValueError(
             f"values beyond the fp16 range (|x| > {FP16_MAX:.0f}) cannot be quantized with fp16 "

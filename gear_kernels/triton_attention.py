@@ -75,8 +75,9 @@ def _poisoned(shape, dtype, device):
 
 
 # GPU sizes (the interpreter uses 64-token tiles and 64-outlier blocks): tokens per tile,
-# outliers per block, warps per program
-TUNING = {"block_n": 32, "block_o": 32, "num_warps": 4, "num_stages": 1}
+# outliers per block, warps per program, and how many programs per SM a launch aims for (the
+# token splits: more programs hide more memory latency, at the cost of more partial states)
+TUNING = {"block_n": 32, "block_o": 32, "num_warps": 4, "num_stages": 1, "programs_per_sm": 4}
 
 
 @triton.jit
@@ -424,7 +425,7 @@ class _Plan:
         full = q.dtype == torch.float32 or self.small
         self.dot = tl.float32 if full else {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[q.dtype]
         self.prec = "ieee" if full else "tf32"
-        self.programs_wanted = 4 * td.num_sms(q.device)
+        self.programs_wanted = TUNING["programs_per_sm"] * td.num_sms(q.device)
 
     def tile(self, key: CompressedChunk | None) -> int:
         """Tokens per tile for a launch over `key` (and its value chunk): the gather path
