@@ -41,6 +41,7 @@ ARGS.add_argument("--quick", action="store_true", help="--compile: only the main
 ARGS.add_argument("--no-tune", action="store_true", help="skip the tile-configuration sweep")
 ARGS.add_argument("--tokens", type=str, default=None, help="comma-separated cached token counts")
 ARGS.add_argument("--batches", type=str, default=None, help="comma-separated batch sizes")
+ARGS.add_argument("--methods", type=str, default="gear,kivi", help="comma-separated methods timed (gear, gear-l, kivi)")
 OPTS = ARGS.parse_args()
 if OPTS.smoke:  # before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
@@ -285,7 +286,7 @@ class Cache:
         return ([k.select_rows(index)], [v.select_rows(index)], self.k_buf[:batch], self.v_buf[:batch])
 
 
-def time_rows(tokens_list, batches, heads, ratio, dim, dtype, n_buf):
+def time_rows(tokens_list, batches, methods, heads, ratio, dim, dtype, n_buf):
     """Yield (tokens, batch, kernel, seconds, bytes moved, SDPA seconds or None) as each is timed."""
     config = GearConfig(method="gear", bits=2, backbone="kivi")
     for tokens in tokens_list:
@@ -302,7 +303,7 @@ def time_rows(tokens_list, batches, heads, ratio, dim, dtype, n_buf):
 
             sdpa_s = bench(sdpa)
             yield tokens, batch, "SDPA fp16 cache", sdpa_s, sdpa_bytes, sdpa_s
-            for method in ("gear", "kivi"):
+            for method in methods:
                 keys, values, k_buf, v_buf = cache.rows(method, batch)
                 out = torch.empty_like(q)
                 moved = chunk_bytes(keys + values) + tensor_bytes(q, out, k_buf, v_buf)
@@ -438,8 +439,8 @@ def main() -> int:
     print("| cached tokens | batch | kernel | time (us) | bytes moved (MB) | GB/s | % of copy BW | vs SDPA fp16 |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|")
     # rows print as they are timed, so a run cut short still reports what it measured
-    for tokens, batch, kernel, seconds, moved, sdpa_s in time_rows(tokens_list, batches, heads, ratio, dim,
-                                                                     dtype, n_buf):
+    for tokens, batch, kernel, seconds, moved, sdpa_s in time_rows(tokens_list, batches, OPTS.methods.split(","),
+                                                                     heads, ratio, dim, dtype, n_buf):
         speed = moved / seconds
         versus = f"{sdpa_s / seconds:.2f}x" if sdpa_s is not None else ""
         print(f"| {tokens} | {batch} | {kernel} | {seconds * 1e6:.1f} | {moved / 1e6:.2f} | {speed / 1e9:.0f} | "

@@ -77,7 +77,7 @@ def _poisoned(shape, dtype, device):
 # GPU sizes (the interpreter uses 64-token tiles and 64-outlier blocks): tokens per tile,
 # outliers per block, warps per program, and how many programs per SM a launch aims for (the
 # token splits: more programs hide more memory latency, at the cost of more partial states)
-TUNING = {"block_n": 32, "block_o": 32, "num_warps": 4, "num_stages": 1, "programs_per_sm": 4}
+TUNING = {"block_n": 64, "block_o": 32, "num_warps": 4, "num_stages": 1, "programs_per_sm": 4}
 
 
 @triton.jit
