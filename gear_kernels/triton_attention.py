@@ -471,15 +471,30 @@ def _bh_collapsible(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1) else t.contiguous()
 
 
-def _operand_args(chunk: CompressedChunk | None, dense: torch.Tensor | None, dummy: torch.Tensor):
-    """(pointers, dense strides, runtime ints, constexprs, rank, outlier count) of one K or V operand."""
-    if dense is not None:
-        if dense.stride(-1) != 1:
-            dense = dense.contiguous()
-        ptrs = [dense] + [dummy] * 6
-        strides = [dense.stride(0), dense.stride(1), dense.stride(2)]
-        return ptrs, strides, [0] * 9 + [1, 1, 0, 1], dict(BITS=2, PW=4, PC=False, LR=False, OUT=False), 0, 0
-    c = chunk
+def _dense_args(dense: torch.Tensor, dummy: torch.Tensor):
+    """(pointers, dense strides, runtime ints, constexprs, rank, outlier count) of an exact K or V."""
+    if dense.stride(-1) != 1:
+        dense = dense.contiguous()
+    ptrs = [dense] + [dummy] * 6
+    strides = [dense.stride(0), dense.stride(1), dense.stride(2)]
+    return ptrs, strides, [0] * 9 + [1, 1, 0, 1], dict(BITS=2, PW=4, PC=False, LR=False, OUT=False), 0, 0
+
+
+def _chunk_args(c: CompressedChunk):
+    """(pointers, dense strides, runtime ints, constexprs, rank, outlier count) of a compressed
+    K or V chunk, checked and built on its first launch and then kept on the chunk: a chunk's
+    tensors never change after compress (reordering rows makes a new chunk), and rebuilding
+    these on every decode step was a large share of the host time per call."""
+    cached = getattr(c, "_triton_args", None)
+    if cached is not None:
+        return cached
+    dev = c.codes.device
+    for name, t in c.tensors().items():
+        assert t.device == dev, f"chunk tensor {name} is on {t.device}, its codes on {dev}"
+    if c.outlier_index is not None and c.outlier_index.shape[-1] > 1 and (dev.type != "cuda" or CHECK_OUTLIER_ORDER):
+        index = c.outlier_index.long()  # unsigned index types do not compare on every device
+        assert bool((index[..., 1:] > index[..., :-1]).all()), \
+            "outlier_index must be sorted ascending in every row (as gear_kernels.compress stores it)"
     tokens, dim = c.shape[2], c.shape[3]
     assert c.codes is not None and c.scale is not None and c.zero is not None, "chunk without codes"
     assert c.scale.shape[-2] == (dim if c.per_channel else tokens), "scale shape does not match the layout"
@@ -489,6 +504,7 @@ def _operand_args(chunk: CompressedChunk | None, dense: torch.Tensor | None, dum
     has_out = c.outlier_values is not None and c.outlier_values.shape[-1] > 0
     rank = c.lowrank_a.shape[-1] if has_lr else 0
     n_out = c.outlier_values.shape[-1] if has_out else 0
+    dummy = codes  # pointer for the operands this chunk lacks: never read
     if has_out:
         o_idx, o_val = _rows_view(c.outlier_index, 1), _rows_view(c.outlier_values, 1)
         assert o_idx.stride() == o_val.stride(), "outlier index and values must share a layout"
@@ -506,7 +522,8 @@ def _operand_args(chunk: CompressedChunk | None, dense: torch.Tensor | None, dum
             scale.shape[-1], c.group, n_out, max(rank, 1)]
     consts = dict(BITS=c.bits, PW=CODES_PER_WORD[c.bits], PC=c.per_channel, LR=has_lr, OUT=has_out,
                   G=c.group, NG=scale.shape[-1], D=dim)
-    return ptrs, [0, 0, 0], ints, consts, rank, n_out
+    c._triton_args = (ptrs, [0, 0, 0], ints, consts, rank, n_out)
+    return c._triton_args
 
 
 def _mode(consts: dict, block_n: int) -> int:
@@ -529,8 +546,10 @@ def _launch(plan: _Plan, p, q, parts, pad_len, key, value, kbuf, vbuf, tokens, b
         assert value.exact is not None, "a key chunk stored exactly needs its value chunk stored exactly"
         key, value, kbuf, vbuf = None, None, key.exact, value.exact
     assert value is None or value.exact is None, "a value chunk stored exactly needs its key chunk stored exactly"
-    kp, ks, ki, kc, kr, kn = _operand_args(key, kbuf, dummy)
-    vp, vs, vi, vc, vr, vn = _operand_args(value, vbuf, dummy)
+    for chunk in (key, value):
+        assert chunk is None or chunk.codes.device == q.device, f"a chunk is on {chunk.codes.device}, q on {q.device}"
+    kp, ks, ki, kc, kr, kn = _dense_args(kbuf, dummy) if key is None else _chunk_args(key)
+    vp, vs, vi, vc, vr, vn = _dense_args(vbuf, dummy) if value is None else _chunk_args(value)
     dense = kbuf is not None
     programs = batch_here * p.kv_heads * plan.nrb
     split = plan.split(tokens, programs, block_n)
@@ -578,16 +597,6 @@ def decode_attention_triton(
         "tokens in the buffer (use the torch path)"
     )
     assert block_n is None or (block_n >= 16 and block_n == _pow2(block_n)), "block_n: a power of two >= 16"
-    chunks = []
-    for ks, vs in zip(key_segments, value_segments):
-        chunks += [ks, vs] if not is_per_row(ks) else [c for c in list(ks) + list(vs) if c is not None]
-    for c in chunks:
-        for name, t in c.tensors().items():
-            assert t.device == dev, f"chunk tensor {name} is on {t.device}, q on {dev}"
-        if c.outlier_index is not None and c.outlier_index.shape[-1] > 1 and (dev.type != "cuda" or CHECK_OUTLIER_ORDER):
-            index = c.outlier_index.long()  # unsigned index types do not compare on every device
-            assert bool((index[..., 1:] > index[..., :-1]).all()), \
-                "outlier_index must be sorted ascending in every row (as gear_kernels.compress stores it)"
     if pad_len is not None:
         pad_len = pad_len.to(device=dev, dtype=torch.int32).contiguous()
     q = q.contiguous()

@@ -9,6 +9,7 @@ are forced down where a test needs several tiles, splits or outlier blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -210,6 +211,33 @@ def test_dispatch_triton_matches_torch_and_mixes_compressors():
     short = dispatch.decode_attention(q3, keys, values, k_buf[:, :, :2], v_buf[:, :, :2], 0.125, kernel="triton")
     ref3 = decode_attention_torch(q3, keys, values, k_buf[:, :, :2], v_buf[:, :, :2], 0.125)
     assert torch.equal(short, ref3)
+
+
+def test_chunks_reused_across_steps_and_reordered_rows():
+    """A chunk's launch arguments are built once and kept: later calls (a growing buffer, as in
+    decoding) and row-reordered copies (beam search) still match the reference."""
+    config = GearConfig(method="gear", bits=2, group_size=32)
+    keys, values = segments(config, 2, 2, 64, torch.float16, (40, 32), 5)
+    q = kv(2, 4, 1, 64, torch.float16, 3, "value")
+    for n_buf in (1, 2, 3):
+        k_buf = kv(2, 2, n_buf, 64, torch.float16, 10 + n_buf, "key")
+        v_buf = kv(2, 2, n_buf, 64, torch.float16, 20 + n_buf, "value")
+        ref = decode_attention_torch(q, keys, values, k_buf, v_buf, 0.125)
+        assert rel_err(ta.decode_attention_triton(q, keys, values, k_buf, v_buf, 0.125), ref) < TOL[torch.float16]
+    order = torch.tensor([1, 0])
+    keys_r, values_r = [c.select_rows(order) for c in keys], [c.select_rows(order) for c in values]
+    ref = decode_attention_torch(q, keys_r, values_r, k_buf, v_buf, 0.125)
+    assert rel_err(ta.decode_attention_triton(q, keys_r, values_r, k_buf, v_buf, 0.125), ref) < TOL[torch.float16]
+
+
+def test_unsorted_outliers_are_refused():
+    config = GearConfig(method="gear", bits=2, group_size=32)
+    keys, values = segments(config, 1, 2, 64, torch.float16, (40,), 6)
+    shuffled = dataclasses.replace(keys[0], outlier_index=keys[0].outlier_index.long().flip(-1).contiguous(),
+                                   outlier_values=keys[0].outlier_values.flip(-1).contiguous())
+    buf = kv(1, 2, 2, 64, torch.float16, 1, "key")
+    with pytest.raises(AssertionError, match="sorted ascending"):
+        ta.decode_attention_triton(kv(1, 4, 1, 64, torch.float16, 2, "value"), [shuffled], values, buf, buf, 0.125)
 
 
 def test_resolve_kernel():
