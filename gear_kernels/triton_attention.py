@@ -47,7 +47,8 @@ asserts): tensors on q's device (CUDA, or CPU under TRITON_INTERPRET=1); for q_l
 queries' own tokens in the buffer (n_buf >= q_len; dispatch.decode_attention falls back to
 torch otherwise); outlier_index sorted ascending in every row (what chunk.compress and
 compress_triton store; checked on CPU, and on CUDA when CHECK_OUTLIER_ORDER is set, since the
-check costs a device sync).
+check costs a device sync). Each chunk is checked once, on its first launch, which also builds
+its launch arguments and keeps them on the chunk (`_chunk_args`).
 """
 
 from __future__ import annotations

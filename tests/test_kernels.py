@@ -224,6 +224,7 @@ def test_chunks_reused_across_steps_and_reordered_rows():
         v_buf = kv(2, 2, n_buf, 64, torch.float16, 20 + n_buf, "value")
         ref = decode_attention_torch(q, keys, values, k_buf, v_buf, 0.125)
         assert rel_err(ta.decode_attention_triton(q, keys, values, k_buf, v_buf, 0.125), ref) < TOL[torch.float16]
+        assert getattr(keys[0], "_triton_args", None) is not None  # kept from the first call
     order = torch.tensor([1, 0])
     keys_r, values_r = [c.select_rows(order) for c in keys], [c.select_rows(order) for c in values]
     ref = decode_attention_torch(q, keys_r, values_r, k_buf, v_buf, 0.125)
