@@ -17,8 +17,9 @@ The run (about 2 minutes on an H200, most of it Triton compiling):
    32 (kv_heads 8, q_heads 32, head_dim 128, fp16, gear 2-bit kivi, one compressed prompt chunk
    plus a 16-token buffer): decode attention with gear and with kivi (no outliers, no low rank),
    gear's torch path (attention_reference, what kernel=torch runs), torch SDPA over an fp16
-   cache of the same length, and the quantize+pack kernels on the prompt's keys. Each time is set against the bytes the kernel must move at the measured
-   bandwidth (the "% of copy BW" column) and, for attention, against SDPA.
+   cache of the same length, and the quantize+pack kernels on the prompt's keys. Each time is
+   set against the bytes the kernel must move at the measured bandwidth (the "% of copy BW"
+   column) and, for attention, against SDPA.
 
 Needs torch and triton only (no transformers, no lm_eval).
 """
