@@ -11,8 +11,8 @@ The run (about 2 minutes on an H200, most of it Triton compiling):
    outliers bitwise, low-rank factors close) and decode_attention_triton against
    decode_attention_torch, over backbones, bit widths, fp16/bf16, GQA ratios, q_len, padding,
    per-row segments; any failure is reported (exit status 1);
-3. picks the fastest of a few tile and split configurations (TUNING in triton_attention) at
-   32k tokens, batch 1 and 32, and repeats the attention checks with it;
+3. picks the fastest of a few tile and split configurations (TUNING in triton_attention) for
+   gear and kivi at 32k tokens, batch 1 and 32, and repeats the attention checks with it;
 4. times (median of triton.testing.do_bench) at 1k, 8k and 32k cached tokens and batch 1, 8 and
    32 (kv_heads 8, q_heads 32, head_dim 128, fp16, gear 2-bit kivi, one compressed prompt chunk
    plus a 16-token buffer): decode attention with gear and with kivi (no outliers, no low rank),
@@ -332,35 +332,35 @@ def time_rows(tokens_list, batches, methods, heads, ratio, dim, dtype, n_buf):
             torch.cuda.empty_cache()
 
 
-def tune(heads, ratio, dim, dtype, n_buf, tokens, batches):
-    """Time a few tile configurations on one gear cache; keep the fastest in ta.TUNING.
+def tune(heads, ratio, dim, dtype, n_buf, tokens, batches, methods=("gear", "kivi")):
+    """Time a few tile configurations on one cache per method; keep the fastest in ta.TUNING.
 
-    Ranked by the sum over `batches` of each time relative to the best at that batch, so the
-    large batch (throughput) and batch 1 (latency) weigh alike. A configuration that fails to
-    compile is reported and skipped.
+    Ranked by the sum over (method, batch) of each time relative to the best for that pair, so
+    gear and kivi, and the large batch (throughput) and batch 1 (latency), weigh alike. A
+    configuration that fails to compile is reported and skipped.
     """
     shapes = [(32, 32, 4, 1, 4), (32, 32, 4, 1, 16), (32, 32, 4, 1, 64), (64, 32, 4, 1, 4), (64, 32, 4, 1, 16),
               (64, 32, 8, 1, 4), (64, 32, 8, 1, 16), (128, 32, 8, 1, 4), (32, 64, 4, 1, 16), (32, 32, 4, 2, 16),
               (16, 32, 4, 1, 16), (16, 32, 4, 1, 64)]
     configs = [dict(block_n=n, block_o=o, num_warps=w, num_stages=st, programs_per_sm=ps) for n, o, w, st, ps in shapes]
     cache = Cache(GearConfig(method="gear"), max(batches), heads, tokens, dim, dtype, n_buf, seed=1)
-    inputs = {batch: (cache.rows("gear", batch), randn_kv(batch, heads * ratio, 1, dim, dtype, 7, "value"))
-              for batch in batches}
+    inputs = {(method, batch): (cache.rows(method, batch), randn_kv(batch, heads * ratio, 1, dim, dtype, 7, "value"))
+              for method in methods for batch in batches}
     default = dict(ta.TUNING)
     times = []
     for cfg in configs:
         ta.TUNING.update(cfg)
         try:
-            per_batch = [bench(lambda: ta.decode_attention_triton(q, keys, values, kb, vb, 0.1))
-                         for (keys, values, kb, vb), q in inputs.values()]
+            per_pair = [bench(lambda: ta.decode_attention_triton(q, keys, values, kb, vb, 0.1))
+                        for (keys, values, kb, vb), q in inputs.values()]
         except Exception as error:  # noqa: BLE001 - a sweep entry that does not compile is skipped
             print(f"  tile config {cfg}: failed ({type(error).__name__}: {str(error)[:120]})")
             continue
-        times.append((cfg, per_batch))
-    best_at = [min(t[i] for _, t in times) for i in range(len(batches))]
+        times.append((cfg, per_pair))
+    best_at = [min(t[i] for _, t in times) for i in range(len(inputs))]
     lines = []
-    for cfg, per_batch in times:
-        detail = ", ".join(f"b{b} {t * 1e6:.0f} us" for b, t in zip(batches, per_batch))
+    for cfg, per_pair in times:
+        detail = ", ".join(f"{m} b{b} {t * 1e6:.0f} us" for (m, b), t in zip(inputs, per_pair))
         lines.append(f"  tile config {cfg}: {detail} at {tokens} tokens")
     best = min(times, key=lambda item: sum(t / b for t, b in zip(item[1], best_at)))[0]
     ta.TUNING.update(default)
