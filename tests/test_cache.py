@@ -10,7 +10,7 @@ from gear_kernels import GearConfig, compress, decompress
 from lm_eval_gear import GearCache
 from lm_eval_gear.cache import GearLayer
 from lm_eval_gear.compat import cache_kwarg
-from tiny_models import ARCHITECTURES, VOCAB, tiny_model
+from tiny_models import ARCHITECTURES, generate, prompts, tiny_model
 
 GEAR = GearConfig(method="gear", bits=2, group_size=8, buffer_size=8, rank_prompt=4, rank_chunk=2)
 
@@ -23,17 +23,6 @@ def arch_model(request):
 @pytest.fixture(scope="module")
 def llama():
     return tiny_model("llama")
-
-
-def generate(model, ids, cache=None, mask=None, **kwargs):
-    kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, **kwargs}
-    if cache is not None:
-        kwargs[cache_kwarg(model)] = cache
-    return model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-
-
-def prompts(batch: int, tokens: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(1, VOCAB, (batch, tokens), generator=torch.Generator().manual_seed(seed))
 
 
 def test_method_none_is_bit_identical_to_dynamic_cache(arch_model):
@@ -61,8 +50,23 @@ def test_every_architecture_generates_compressed(arch_model):
     assert gear_layers, "no layer was compressed"
     # 20 new tokens: the first is the prefill's own output, 19 enter the cache: 2 chunks of 8 + 3
     assert all(len(layer.chunks) == 2 and layer.buffer_k.shape[-2] == 3 for layer in gear_layers)
-    sliding = config.model_type == "gemma2"
-    assert (len(gear_layers) < len(cache.layers)) == sliding, "sliding layers are kept exact, others compressed"
+    assert len(gear_layers) == len(cache.layers), "every layer is compressed, sliding-window ones too"
+    assert [layer.is_sliding for layer in cache.layers] == [t == "sliding_attention" for t in _layer_types(config)]
+
+
+def _layer_types(config) -> list[str]:
+    types = getattr(config, "layer_types", None)
+    if types is None:  # Mistral: every layer slides when sliding_window is set
+        kind = "full_attention" if getattr(config, "sliding_window", None) is None else "sliding_attention"
+        types = [kind] * config.num_hidden_layers
+    return list(types)
+
+
+def test_config_may_be_a_mapping_of_options(llama):
+    _, config = llama
+    assert GearCache({"method": "kivi", "bits": "4"}, config).config == GearConfig(method="kivi", bits=4)
+    with pytest.raises(TypeError, match="GearConfig or a mapping"):
+        GearCache("gear", config)
 
 
 def test_unsupported_layer_type_is_refused():

@@ -10,6 +10,8 @@ All lm_eval processes start at once (they are mostly import time) in one module 
         streamed chunks and the buffer all hold something: the loglikelihoods move, the results
         JSON and the printed summary hold the GEAR config and the measured KV memory;
 * bad:  `bits=5`: exits at once (before any model loads) with one line naming it;
+* cached2, cached4: the generation task with `--use_cache` on one path at bits 2 and 4: each
+        configuration gets its own response-cache file (a rerun then reads it);
 * probe: a bare `python` that checks what the start-up hook costs and registers.
 
 These need the package installed (`pip install -e .` or `pip install .`): that is what puts
@@ -108,7 +110,13 @@ def runs(tmp_path_factory):
         ],
         "probe": [sys.executable, "-c", PROBE],
     }
-    for name in ("hf", "none", "gear"):
+    for bits in (2, 4):
+        commands[f"cached{bits}"] = [
+            lm_eval, "--model", "gear-hf", "--model_args", f"pretrained={model},{GEAR_ARGS.replace('bits=2', f'bits={bits}')}",
+            "--tasks", "gear_cli_gen", "--include_path", str(TASKS_DIR), "--device", "cpu", "--batch_size", "2",
+            "--log_samples", "--use_cache", str(root / "responses"),
+        ]
+    for name in ("hf", "none", "gear", "cached2", "cached4"):
         commands[name] += ["--output_path", str(root / "out" / name)]
     logs = root / "logs"
     logs.mkdir()
@@ -133,6 +141,10 @@ def runs(tmp_path_factory):
             "stderr": (logs / f"{name}.err").read_text(),
             "seconds": seconds[name],
             "out": root / "out" / name,
+            "command": [str(c) for c in commands[name]],
+            "cwd": data,
+            "env": env,
+            "root": root,
         }
         for name, proc in procs.items()
     }
@@ -147,10 +159,10 @@ def _results(run: dict) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def _samples(run: dict) -> dict[str, list]:
+def _samples(run: dict, tasks=TASKS) -> dict[str, list]:
     """task -> [(doc_id, resps, filtered_resps)] sorted by doc_id."""
     out = {}
-    for task in TASKS:
+    for task in tasks:
         (path,) = glob.glob(str(run["out"] / "*" / f"samples_{task}_*.jsonl"))
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
         out[task] = sorted((r["doc_id"], r["resps"], r["filtered_resps"]) for r in rows)
@@ -230,3 +242,26 @@ def test_startup_hook_is_cheap_and_registers_everything(runs):
     assert Path(out["indexed"][1]).name in ("tasks",)
     if (Path(__file__).resolve().parents[1] / "tasks" / "gsm8k_cot_gear.yaml").is_file():
         assert out["gear_tasks"] == ["aqua_cot_gear", "bbh_cot_gear", "gear_paper", "gsm8k_cot_gear"]
+
+
+def test_use_cache_keeps_configurations_apart(runs):
+    """lm-eval keys cached responses by request alone: each GEAR config gets its own file, so a
+    bits=4 run does not report a bits=2 run's answers, and a rerun reads its own."""
+    for name in ("cached2", "cached4"):
+        _ok(runs[name])
+    root = runs["cached2"]["root"]
+    files = sorted(p.name for p in root.glob("responses*.db"))
+    assert len(files) == 2 and all(f.startswith("responses_gear-") and f.endswith("_rank0.db") for f in files)
+    gen = ["gear_cli_gen"]
+    assert _samples(runs["cached2"], gen) == _samples(runs["gear"], gen)  # same config as the uncached run
+    assert _samples(runs["cached4"], gen) != _samples(runs["cached2"], gen)
+    measured = _results(runs["cached4"])["config"]["gear"]["memory"]
+    assert measured["sequences"] == {"generate_until": 5} and measured["response_cache"] in files
+
+    again = dict(runs["cached4"], out=root / "out" / "cached4_again")
+    command = again["command"][: again["command"].index("--output_path")] + ["--output_path", str(again["out"])]
+    done = subprocess.run(command, cwd=again["cwd"], env=again["env"], capture_output=True, text=True, timeout=600)
+    _ok({"rc": done.returncode, "stdout": done.stdout, "stderr": done.stderr})
+    assert _samples(again, gen) == _samples(runs["cached4"], gen)
+    assert _results(again)["config"]["gear"]["memory"]["kv_caches"] == 0
+    assert "nothing measured (every response came from lm-eval's response cache)" in done.stdout

@@ -99,7 +99,7 @@ def test_from_options_unknown_key_lists_valid_ones():
         GearConfig.from_options({"bit": "2"})
 
 
-@pytest.mark.parametrize("key, raw", [("bits", "two"), ("outlier_ratio", "2%"), ("group_size", "64.0")])
+@pytest.mark.parametrize("key, raw", [("bits", "two"), ("outlier_ratio", "2%"), ("group_size", "64.5"), ("bits", "nan")])
 def test_from_options_unparsable_value_names_key(key, raw):
     with pytest.raises(GearConfigError, match=re.escape(f"GearConfig.{key}={raw!r} is invalid")):
         GearConfig.from_options({key: raw})

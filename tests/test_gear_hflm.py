@@ -13,6 +13,7 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
+from gear_kernels import GearConfigError
 from lm_eval_gear.forcing import forward_with_cache
 from lm_eval_gear.model import GearHFLM, summary_line
 
@@ -114,6 +115,44 @@ def test_generation_does_not_depend_on_the_batch(tiny):
     assert outs[1] == outs[4]
     hf = HFLM(pretrained=tiny, device="cpu", batch_size=4)
     assert outs[1] != hf.generate_until(_gen_requests(TEXTS, max_gen_toks=16), disable_tqdm=True)
+
+
+def test_beam_search_through_gen_kwargs(tiny):
+    """`--gen_kwargs num_beams=3`: generate repeats the batch's rows, the cache its mask.
+    (lm-eval's HFLM keeps one sequence a request, so num_return_sequences is not for gen_kwargs.)"""
+    outs = {}
+    for batch_size in (1, 4):
+        lm = GearHFLM(pretrained=tiny, device="cpu", batch_size=batch_size, method="gear", bits=2, **SMALL)
+        requests = _gen_requests(TEXTS, max_gen_toks=10)
+        for r in requests:
+            r.args[1]["num_beams"] = 3
+        outs[batch_size] = lm.generate_until(requests, disable_tqdm=True)
+    assert outs[1] == outs[4] and all(isinstance(o, str) for o in outs[1])
+
+
+def test_response_cache_is_kept_per_configuration(tiny, tmp_path):
+    """lm-eval's CachingLM keys responses by request alone: gear-hf takes only a file tagged with
+    its own configuration, so a bits=4 run cannot read a bits=2 run's answers."""
+    from lm_eval.api.model import CachingLM
+
+    two = GearHFLM(pretrained=tiny, device="cpu", batch_size=2, method="gear", bits=2, **SMALL)
+    four = GearHFLM(pretrained=tiny, device="cpu", batch_size=2, method="gear", bits=4, **SMALL)
+    with pytest.raises(GearConfigError, match="keys responses by request alone"):
+        CachingLM(two, str(tmp_path / "responses_rank0.db"))
+    assert two._response_cache_tag != four._response_cache_tag
+    answers = {}
+    for lm in (two, four):
+        cached = CachingLM(lm, str(tmp_path / f"responses{lm._response_cache_tag}_rank0.db"))
+        answers[lm] = cached.generate_until(_gen_requests(TEXTS, max_gen_toks=12))
+        assert lm.gear_summary()["memory"]["response_cache"].endswith(f"{lm._response_cache_tag}_rank0.db")
+    assert answers[two] != answers[four]
+    assert answers[two] == GearHFLM(pretrained=tiny, device="cpu", batch_size=2, method="gear", bits=2,
+                                    **SMALL).generate_until(_gen_requests(TEXTS, max_gen_toks=12), disable_tqdm=True)
+
+
+def test_an_argument_nobody_takes_is_named(tiny):
+    with pytest.raises(GearConfigError, match=r"--model_args warp_speed=9 is not an option of gear-hf"):
+        GearHFLM(pretrained=tiny, device="cpu", method="gear", warp_speed=9)
 
 
 def test_model_info_holds_config_and_memory(tiny, capsys):

@@ -10,7 +10,7 @@ import pytest
 
 from gear_kernels import GearConfig, GearConfigError
 from lm_eval_gear import registration
-from lm_eval_gear.model_args import GEAR_OPTIONS, check_model_args, split_model_args
+from lm_eval_gear.model_args import GEAR_OPTIONS, check_model_args, response_cache_tag, split_model_args
 from lm_eval_gear.smollm2 import GGUF_FILE, smollm2_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,23 +65,47 @@ def test_bad_values_name_the_option_and_the_choices(args, message):
     assert str(err.value) == f"gear-hf: invalid --model_args: {message}"
 
 
-@pytest.mark.parametrize(("key", "hint"), [("bit", "bits"), ("metod", "method"), ("buffer", "buffer_size"),
-                                           ("outlier_ration", "outlier_ratio"), ("group", "group_size"),
-                                           ("gear_bits", "bits"), ("gear_rank", None)])
-def test_misspelt_gear_options_are_refused(key, hint):
+@pytest.mark.parametrize(("key", "hints"), [
+    ("bit", ["bits"]), ("metod", ["method"]), ("buffer", ["buffer_size"]), ("outlier_ration", ["outlier_ratio"]),
+    ("group", ["group_size"]), ("gear_bits", ["bits"]), ("gear_seeds", []),
+    # ambiguous, a typo of a word, names from other KV-cache tools
+    ("rank", ["rank_prompt", "rank_chunk"]), ("gear_rank", ["rank_prompt", "rank_chunk"]),
+    ("rnak", ["rank_prompt", "rank_chunk"]), ("residual_length", ["buffer_size"]), ("quant_bits", ["bits"]),
+    ("nbits", ["bits"]), ("q_group_size", ["group_size"]), ("keep_outlier", ["outlier_ratio"]),
+])
+def test_misspelt_gear_options_are_refused(key, hints):
     with pytest.raises(GearConfigError) as err:
         split_model_args({"pretrained": "m", key: 2})
     text = str(err.value)
     assert f"unknown --model_args option {key!r}" in text
-    assert (f"did you mean {hint!r}" in text) if hint else "did you mean" not in text
+    if hints:
+        assert f"(did you mean {' or '.join(map(repr, hints))}?)" in text
+    else:
+        assert "did you mean" not in text
     assert "the GEAR options are method, bits, backbone, group_size" in text
 
 
-def test_triton_kernel_needs_cuda():
+@pytest.mark.parametrize("key", ["offload_buffers", "use_kernels", "n_group", "topk_group", "rope_scaling",
+                                 "sliding_window", "low_cpu_mem_usage", "attn_implementation", "bnb_4bit_quant_type"])
+def test_loading_and_config_arguments_are_not_mistaken_for_gear_options(key):
+    assert split_model_args({"pretrained": "m", key: 1})[1] == {"pretrained": "m", key: 1}
+
+
+@pytest.mark.parametrize(("raw", "bits"), [(2.0, 2), (" 2", 2), ("4.0", 4), (8, 8)])
+def test_integral_numbers_are_integers(raw, bits):
+    """lm-eval parses `bits=2.0` and `bits= 2` into the float 2.0."""
+    assert split_model_args({"bits": raw})[0].bits == bits
+    assert split_model_args({"buffer_size": raw})[0].buffer_size == bits
+
+
+def test_triton_kernel_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(GearConfigError, match="kernel='triton' needs a CUDA device"):
         split_model_args({"pretrained": "m", "kernel": "triton", "device": "cpu"})
     # method none never runs a kernel
     assert split_model_args({"kernel": "triton", "method": "none", "device": "cpu"})[0].kernel == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert split_model_args({"kernel": "triton", "device": "cpu"})[0].kernel == "triton"
 
 
 def test_embedded_default_needs_no_pretrained():
@@ -174,3 +198,37 @@ def test_task_manager_patch_adds_the_folder_once_and_first():
         ([folder], True),
         ("mine", False),  # no defaults asked for: nothing added
     ]
+
+
+def test_cli_gives_each_configuration_its_own_response_cache():
+    class FakeConfig:
+        def __init__(self, model, model_args, use_cache):
+            self.model, self.model_args, self.use_cache = model, model_args, use_cache
+
+        @classmethod
+        def from_cli(cls, model, model_args, use_cache):
+            return cls(model, model_args, use_cache)
+
+    registration.patch_cli_config(FakeConfig)
+    two = FakeConfig.from_cli("gear-hf", "pretrained=m,method=gear,bits=2", "out/responses")
+    four = FakeConfig.from_cli("gear-hf", {"pretrained": "m", "method": "gear", "bits": 4}, "out/responses")
+    other = FakeConfig.from_cli("gear-hf", "pretrained=n,method=gear,bits=2", "out/responses")
+    paths = {two.use_cache, four.use_cache, other.use_cache}
+    assert len(paths) == 3 and all(p.startswith("out/responses_gear-") for p in paths)
+    assert two.use_cache == "out/responses" + response_cache_tag(GearConfig(bits=2), "m")
+    assert FakeConfig.from_cli("gear-hf", "pretrained=m,bits=2", two.use_cache).use_cache == two.use_cache
+    assert FakeConfig.from_cli("hf", "pretrained=m", "out/responses").use_cache == "out/responses"
+    assert FakeConfig.from_cli("gear-hf", "pretrained=m", None).use_cache is None
+
+
+def test_results_of_the_embedded_model_are_named_after_it():
+    from lm_eval.loggers.evaluation_tracker import GeneralConfigTracker
+
+    registration.install()  # what the start-up hook does when lm-eval's tracker module loads
+    tracker = GeneralConfigTracker()
+    tracker.log_experiment_args("gear-hf", "method=gear,bits=2", None, None, False)
+    assert tracker.model_name_sanitized == "SmolLM2-135M-Instruct"
+    tracker.log_experiment_args("gear-hf", "pretrained=org/model,method=gear", None, None, False)
+    assert tracker.model_name_sanitized == "org__model"
+    tracker.log_experiment_args("hf", "dtype=float32", None, None, False)
+    assert tracker.model_name_sanitized != "SmolLM2-135M-Instruct"  # other models: lm-eval's own naming

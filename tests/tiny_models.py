@@ -1,4 +1,5 @@
-"""Tiny random decoders built from configs, one per architecture family GearCache supports."""
+"""Tiny random decoders built from configs, one per architecture family GearCache supports, and
+the helpers the cache tests run them with."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from lm_eval_gear.compat import cache_kwarg
+
 VOCAB = 128
 COMMON = dict(
     vocab_size=VOCAB, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
@@ -28,9 +31,34 @@ ARCHITECTURES = {
 }
 
 
-def tiny_model(arch: str, seed: int = 0):
+def tiny_model(arch: str, seed: int = 0, **overrides):
+    """(model, config) of a tiny random `arch` decoder; overrides: config fields."""
     config_cls, model_cls, extra = ARCHITECTURES[arch]
     torch.manual_seed(seed)
-    config = config_cls(**{**COMMON, **extra})
+    config = config_cls(**{**COMMON, **extra, **overrides})
     # eager attention: the same kernel with and without padding masks, so runs compare exactly
     return model_cls(config).eval().to(torch.float32).requires_grad_(False), config
+
+
+def generate(model, ids, cache=None, mask=None, **kwargs):
+    """Greedy generate (12 new tokens unless told) through `cache` (None: transformers' own)."""
+    kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, **kwargs}
+    if cache is not None:
+        kwargs[cache_kwarg(model)] = cache
+    return model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+
+
+def prompts(batch: int, tokens: int, seed: int = 1) -> torch.Tensor:
+    """(batch, tokens) random token ids, never the pad id 0."""
+    return torch.randint(1, VOCAB, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-d token rows -> (ids, mask), each row left padded with 0 to the longest."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
