@@ -119,6 +119,13 @@ class GearHFLM(HFLM):
             pretrained = embedded["pretrained"]
             kwargs["gguf_file"] = embedded["gguf_file"]
         super().__init__(pretrained=pretrained, **kwargs)
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and self.device.type == "cpu" and self.world_size == 1:
+            # CPU data parallelism (accelerate's gloo group, ACCELERATE_USE_CPU=1): HFLM splits
+            # requests over processes only when it counts more than one GPU, so every process
+            # would repeat the whole run. lm-eval's gathers work over gloo as over NCCL.
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
         if self.gear_config.compresses and self.backend != "causal":
             raise GearConfigError(
                 f"gear-hf: method={self.gear_config.method} needs a decoder-only model; this one is "
@@ -208,7 +215,9 @@ class GearHFLM(HFLM):
         local, self._kv_local = self._kv_local, KVMemoryMeter()
         if self.device.type == "cuda":
             local.note_device_peak(torch.cuda.max_memory_allocated(self.device))
-        if self.world_size > 1:  # every rank runs each request type, so this collective is safe
+        if self.world_size > 1:
+            # a collective, safe because every rank runs every request type: lm-eval stops a run
+            # in which some rank gets no document of a task ("did not find any docs")
             for part in self.gather_object(local, dst=0) or []:
                 if part is not None:
                     self._kv_total.merge(part)
