@@ -14,6 +14,8 @@ It overrides as little of HFLM as it can (like lm-eval's own ``hf_steered.py``):
   to compress and HFLM's own batched path runs unchanged, so the numbers equal ``--model hf``'s.
 * ``get_model_info`` adds the GEAR config and the measured KV memory to lm-eval's results
   (``results["config"]["gear"]``) and prints a one-line summary.
+* Data parallelism: on CPU too (HFLM splits requests only over GPUs), with every rank's memory
+  figures gathered on rank 0 and lm-eval's padding copies left out of them.
 """
 
 from __future__ import annotations
