@@ -17,6 +17,8 @@ It overrides as little of HFLM as it can (like lm-eval's own ``hf_steered.py``):
 * ``set_cache_hook`` refuses an lm-eval response cache (``use_cache``) whose file is not tagged
   with this configuration (lm-eval keys cached responses by request alone; its CLI gets the
   tag from ``registration.patch_cli_config``).
+* Data parallelism: on CPU too (HFLM splits requests only over GPUs), with every rank's memory
+  figures gathered on rank 0 and lm-eval's padding copies left out of them.
 """
 
 from __future__ import annotations
@@ -129,6 +131,13 @@ class GearHFLM(HFLM):
             super().__init__(pretrained=pretrained, **kwargs)
         except TypeError as exc:
             raise _unknown_model_arg(exc, kwargs) from exc
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and self.device.type == "cpu" and self.world_size == 1:
+            # CPU data parallelism (accelerate's gloo group, ACCELERATE_USE_CPU=1): HFLM splits
+            # requests over processes only when it counts more than one GPU, so every process
+            # would repeat the whole run. lm-eval's gathers work over gloo as over NCCL.
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
         if self.gear_config.compresses and self.backend != "causal":
             raise GearConfigError(
                 f"gear-hf: method={self.gear_config.method} needs a decoder-only model; this one is "
@@ -138,6 +147,7 @@ class GearHFLM(HFLM):
             use_gear_attention(self.model)  # decode attention reads the packed cache directly
         self._kv_local = KVMemoryMeter()  # since the last sync
         self._kv_total = KVMemoryMeter()  # the whole run (merged over ranks on rank 0)
+        self._windows_scored: dict[int, tuple[float, bool]] | None = None  # see loglikelihood_rolling
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -170,8 +180,13 @@ class GearHFLM(HFLM):
         self._kv_local.add(cache.memory_report(), "generate_until", sequences=context.shape[0])
         return out
 
+    @property
+    def _scores_compressed(self) -> bool:
+        """Whether loglikelihood requests are scored through a GEAR cache (else HFLM's batched path)."""
+        return self.gear_config.compresses and self.backend == "causal"
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
-        if not self.gear_config.compresses or self.backend != "causal":
+        if not self._scores_compressed:
             # nothing to compress: HFLM's batched path, bit for bit --model hf
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         results = []
@@ -180,11 +195,18 @@ class GearHFLM(HFLM):
             disable=(disable_tqdm or (self.rank != 0)),
             desc="Running loglikelihood requests (GEAR cache)",
         )
-        for request_str, context_enc, continuation_enc in requests:
-            answer = self._score_compressed(context_enc, continuation_enc)
-            results.append(answer)
+        windows = self._windows_scored  # set within loglikelihood_rolling only
+        for request in requests:
+            request_str, context_enc, continuation_enc = request
+            if windows is not None and id(request) in windows:  # HFLM's padding copy of a window
+                answer = windows[id(request)]
+            else:
+                answer = self._score_compressed(context_enc, continuation_enc)
+                if windows is not None:
+                    windows[id(request)] = answer
             if request_str is not None:  # rolling windows are cached per document by HFLM
                 self.cache_hook.add_partial("loglikelihood", request_str, answer)
+            results.append(answer)
             pbar.update(1)
         pbar.close()
         return results
@@ -211,28 +233,57 @@ class GearHFLM(HFLM):
         return float(logprobs.gather(1, targets[:, None]).sum()), greedy
 
     # ------------------------------------------------ memory figures per request type
+    #
+    # Under data parallelism lm-eval evens out the ranks' work with copies: evaluator.py pads a
+    # rank that got fewer requests of a type with copies of its last one (the same Instance), and
+    # HFLM.loglikelihood_rolling pads a rank's windows with copies of its first (the same tuple).
+    # Where gear-hf measures, a copy is answered from its original instead of run again, so that
+    # the memory figures count each request once, whatever the number of processes. Safe: no
+    # forward pass is collective (HFLM does not wrap the model in DDP), and neither
+    # HFLM.generate_until nor the GEAR scoring loop gathers per batch. HFLM's batched
+    # loglikelihood does (batch_size=auto:N), so under method=none it keeps the copies.
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        out = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
-        self._sync_memory()
-        return out
+        return self._run_measured(super().loglikelihood, requests, disable_tqdm, unpad=self._scores_compressed)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        out = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        self._windows_scored = {}  # id(window) -> answer: HFLM holds every window until it returns
+        try:
+            return self._run_measured(
+                super().loglikelihood_rolling, requests, disable_tqdm, unpad=self._scores_compressed
+            )
+        finally:
+            self._windows_scored = None
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return self._run_measured(super().generate_until, requests, disable_tqdm, unpad=True)
+
+    def _run_measured(self, run, requests, disable_tqdm: bool, unpad: bool) -> list:
+        """Runs one request type (without lm-eval's padding copies if unpad), then syncs the memory."""
+        copies = self._padding_copies(requests) if unpad else 0
+        out = run(requests[: len(requests) - copies], disable_tqdm=disable_tqdm)
+        if copies:
+            last = requests[-1]  # its answers are the last `repeats` ones
+            out += out[-last.repeats :] * (copies // last.repeats)
         self._sync_memory()
         return out
 
-    def generate_until(self, requests, disable_tqdm: bool = False):
-        out = super().generate_until(requests, disable_tqdm=disable_tqdm)
-        self._sync_memory()
-        return out
+    def _padding_copies(self, requests) -> int:
+        """How many requests at the end are evaluator.py's padding (copies of the last one)."""
+        if self.world_size == 1 or not requests:
+            return 0
+        last = requests[-1]
+        run = next((i for i, req in enumerate(reversed(requests)) if req is not last), len(requests))
+        return run - last.repeats  # the last request itself comes `repeats` times
 
     def _sync_memory(self) -> None:
         """Fold this rank's figures into the run's (gathered on rank 0 under data parallelism)."""
         local, self._kv_local = self._kv_local, KVMemoryMeter()
         if self.device.type == "cuda":
             local.note_device_peak(torch.cuda.max_memory_allocated(self.device))
-        if self.world_size > 1:  # every rank runs each request type, so this collective is safe
+        if self.world_size > 1:
+            # a collective, safe because every rank runs every request type: lm-eval stops a run
+            # in which some rank gets no document of a task ("did not find any docs")
             for part in self.gather_object(local, dst=0) or []:
                 if part is not None:
                     self._kv_total.merge(part)
