@@ -166,8 +166,9 @@ def check_summary(summary: dict, where: str) -> dict:
         problems.append("fidelity is not an object")
     if not isinstance(summary.get("gear_config"), dict):
         problems.append("gear_config is not an object")
-    if not _is_figure(summary.get("bits_per_element")):
-        problems.append("bits_per_element is not a number or null")
+    for name in ("bits_per_element", "limit"):
+        if not _is_figure(summary.get(name)):
+            problems.append(f"{name} is not a number or null")
     problems += _shape_problems("metrics", summary.get("metrics"), _is_number, depth=2)
     problems += _shape_problems("higher_is_better", summary.get("higher_is_better"), _is_bool, depth=2)
     if problems:

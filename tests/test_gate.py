@@ -83,15 +83,14 @@ def write_run(out: Path, results: dict, stamp: str = "2026-12-01T21-29-32.876168
     return path
 
 
-def set_figure(results: dict, request_type: str, name: str, value, scopes=("overall", "per_task")) -> dict:
-    """The same figure set in the overall figures and the task's, as gear-hf would write it."""
+def set_figure(results: dict, request_type: str, name: str, value, scopes=("overall", "task")) -> dict:
+    """A figure of one request type set overall and in the one task of that type (both by
+    default, as gear-hf would write a change)."""
     fidelity = results["config"]["gear"]["fidelity"]
+    task = next(task for task, types in fidelity["per_task"].items() if request_type in types)
+    entries = {"overall": fidelity["overall"], "task": fidelity["per_task"][task]}
     for scope in scopes:
-        if scope == "overall":
-            fidelity["overall"][request_type][name] = value
-        else:
-            task = next(t for t, types in fidelity["per_task"].items() if request_type in types)
-            fidelity["per_task"][task][request_type][name] = value
+        entries[scope][request_type][name] = value
     return results
 
 
@@ -105,7 +104,9 @@ def baseline(tmp_path, capsys) -> Path:
 
 
 def gate(tmp_path, results: dict, baseline: Path, *options: str) -> int:
-    return main(["gate", str(write_run(tmp_path / "now", results).parent.parent), "--baseline", str(baseline), *options])
+    """`lm-eval-gear gate` on an lm-eval output folder that holds `results`."""
+    write_run(tmp_path / "now", results)
+    return main(["gate", str(tmp_path / "now"), "--baseline", str(baseline), *options])
 
 
 def failed_rows(output: str) -> set[str]:
@@ -125,9 +126,10 @@ def test_gate_passes_on_its_own_baseline(tmp_path, baseline, capsys):
 def test_table_shows_each_figure(tmp_path, baseline, capsys):
     gate(tmp_path, gear_results(), baseline)
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:-1]}
+    overall = gear_results()["config"]["gear"]["fidelity"]["overall"]
     fidelity = [
         f"fidelity/{scope}/{kind}/{name}"
-        for scope, by_type in [("overall", gear_results()["config"]["gear"]["fidelity"]["overall"]), *PER_TASK.items()]
+        for scope, by_type in [("overall", overall), *PER_TASK.items()]
         for kind, figures in by_type.items()
         for name in figures
     ]
@@ -151,6 +153,7 @@ def test_table_shows_each_figure(tmp_path, baseline, capsys):
         ("generate_until", "tf_top1", 0.80, {"overall", "gsm8k_cot_gear"}),  # allowed 0.81
         ("generate_until", "answer_agreement", 0.1, {"overall", "gsm8k_cot_gear"}),
         ("loglikelihood", "max_abs_diff", 0.5, {"overall", "arc_easy"}),  # allowed 0.49
+        ("loglikelihood", "greedy_agreement", 0.85, {"overall", "arc_easy"}),
         ("loglikelihood", "choice_agreement", 0.7, {"overall", "arc_easy"}),
         ("loglikelihood_rolling", "mean_abs_diff", 1.5, {"overall", "wikitext"}),
     ],
@@ -163,7 +166,7 @@ def test_a_worse_figure_fails(tmp_path, baseline, capsys, request_type, name, va
 
 
 def test_a_worse_figure_of_one_task_fails(tmp_path, baseline, capsys):
-    results = set_figure(gear_results(), "generate_until", "tf_kl", 0.4, scopes=["per_task"])
+    results = set_figure(gear_results(), "generate_until", "tf_kl", 0.4, scopes=["task"])
     assert gate(tmp_path, results, baseline) == 1
     assert failed_rows(capsys.readouterr().out) == {"fidelity/gsm8k_cot_gear/generate_until/tf_kl"}
 
@@ -255,9 +258,8 @@ def test_results_without_fidelity(tmp_path, baseline, capsys):
     del results["config"]["gear"]["fidelity"]
     path = write_run(tmp_path / "now", results)
     assert main(["gate", str(path), "--baseline", str(baseline)]) == 2
-    assert f"results file {path} has no fidelity figures: run lm_eval with --model_args ...,fidelity=true" in (
-        capsys.readouterr().err
-    )
+    expected = f"results file {path} has no fidelity figures: run lm_eval with --model_args ...,fidelity=true"
+    assert expected in capsys.readouterr().err
     assert main(["baseline", str(path), "-o", str(tmp_path / "b.json")]) == 2
     assert "fidelity=true" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
@@ -289,7 +291,8 @@ def test_a_results_file_is_no_baseline(tmp_path, capsys):
     results = write_run(tmp_path / "now", gear_results())
     assert main(["gate", str(results), "--baseline", str(results)]) == 2
     err = capsys.readouterr().err
-    assert "is not a baseline file" in err and f"make one with lm-eval-gear baseline RESULTS -o {results}" in err
+    assert "is not a baseline file" in err
+    assert f"make one with lm-eval-gear baseline RESULTS -o {results}" in err
 
 
 def test_empty_output_folder(tmp_path, baseline, capsys):
@@ -327,7 +330,8 @@ def test_a_figure_the_results_lack(tmp_path, baseline, capsys):
 
 def test_baseline_picks_the_newest_results_file(tmp_path, capsys):
     out = tmp_path / "out"
-    older = write_run(out, set_figure(gear_results(), "generate_until", "tf_kl", 0.5), "2026-11-30T08-00-00.000001")
+    worse = set_figure(gear_results(), "generate_until", "tf_kl", 0.5)
+    older = write_run(out, worse, "2026-11-30T08-00-00.000001")
     newer = write_run(out, gear_results(), "2026-12-01T21-29-32.876168")
     os.utime(older, (newer.stat().st_mtime + 60,) * 2)  # lm-eval's time stamp in the name decides
     assert main(["baseline", str(out), "-o", str(tmp_path / "b.json")]) == 0
@@ -344,7 +348,8 @@ def test_baseline_file(baseline):
     assert (written["format"], written["format_version"]) == ("lm-eval-gear-baseline", 1)
     assert written["source"]["git_hash"] == "fcf9711"
     assert written["source"]["results_file"].endswith(".json")
-    assert (written["model"], written["model_args"]) == (MODEL, {"method": "gear", "bits": 2, "fidelity": True})
+    assert written["model"] == MODEL
+    assert written["model_args"] == {"method": "gear", "bits": 2, "fidelity": True}
     assert written["gear_config"] == GEAR_CONFIG
     assert written["bits_per_element"] == 5.63
     assert written["fidelity"]["per_task"] == PER_TASK
@@ -359,17 +364,21 @@ def test_baseline_file(baseline):
 def test_console_script_runs(tmp_path):
     script = Path(sys.executable).with_name("lm-eval-gear")
     if not script.exists():
-        pytest.fail(f"no lm-eval-gear command next to {sys.executable}: run pip install -e . (or bash .ci/setup)")
+        pytest.fail(f"no lm-eval-gear command next to {sys.executable}: pip install -e . (or bash .ci/setup)")
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "baseline" in done.stdout and "gate" in done.stdout
     done = subprocess.run(
         [str(script), "gate", "out", "--baseline", "b.json"], capture_output=True, text=True, cwd=tmp_path
     )
-    assert (done.returncode, done.stderr) == (2, "lm-eval-gear gate: error: cannot read the baseline b.json: No such file or directory\n")
+    assert done.returncode == 2
+    assert done.stderr == "lm-eval-gear gate: error: cannot read the baseline b.json: No such file or directory\n"
 
 
 def test_command_imports_nothing_heavy():
-    probe = "import sys, lm_eval_gear.cli; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'lm_eval'}))"
+    probe = (
+        "import sys, lm_eval_gear.cli; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'lm_eval'}))"
+    )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "[]", done.stderr
