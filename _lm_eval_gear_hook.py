@@ -54,8 +54,8 @@ class _AfterImport:
 def _registration():
     """``lm_eval_gear/registration.py``, run without running ``lm_eval_gear/__init__.py``.
 
-    The package's ``__init__`` imports torch and transformers; lm-eval processes that never ask
-    for ``gear-hf`` (``lm_eval ls tasks``, ``--model vllm``) should not pay for that. The
+    lm-eval processes that never ask for ``gear-hf`` (``lm_eval ls tasks``, ``--model vllm``)
+    should pay for nothing of the package, whose exports load torch and transformers. The
     registration module needs only the standard library, so it is executed from its file as
     the private module ``_lm_eval_gear_registration`` (if the package is already imported, its
     own ``lm_eval_gear.registration`` is used). Its work is idempotent across both copies.

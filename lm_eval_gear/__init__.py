@@ -1,8 +1,17 @@
 """lm-eval-gear: GEAR-compressed KV caches for transformers models and the `gear-hf` lm-eval backend."""
 
-from gear_kernels import GearConfig
+# The exports load torch and transformers, so they are imported on first use (PEP 562): the
+# `lm-eval-gear` command (lm_eval_gear.cli) needs neither and starts in a fraction of a second.
+_EXPORTS = {"GearCache": ".cache", "GearConfig": "gear_kernels", "use_gear_attention": ".attention"}
 
-from .attention import use_gear_attention
-from .cache import GearCache
+__all__ = list(_EXPORTS)
 
-__all__ = ["GearCache", "GearConfig", "use_gear_attention"]
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

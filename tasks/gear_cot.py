@@ -14,7 +14,11 @@ from pathlib import Path
 import datasets
 
 PROMPTS = Path(__file__).parent / "prompts"
+# the test sets shipped with the package, laid out like ../shared/data (see data/README.md)
+PACKAGED_DATA = Path(__file__).parent / "data"
 DATA_DIR_ENV = "GEAR_DATA_DIR"
+# the value of gear_data_dir or $GEAR_DATA_DIR that reads the HF hub instead of a folder
+HUB = "hub"
 
 # A number once commas are gone. A minus counts as a sign only where it does not follow
 # a word character, so "2020-2021" gives 2020 and 2021, not -2021.
@@ -23,7 +27,8 @@ _OPTION_LETTER = re.compile(r"\b[A-E]\b")
 _BBH_OPTION = re.compile(r"\([A-Z]\)")
 
 
-# --- test sets: a local folder laid out like ../shared/data, else the HF hub
+# --- test sets: a folder laid out like ../shared/data (by default the packaged copy), or the
+# HF hub when asked for by name
 #
 # lm-eval calls custom_dataset with every entry of --metadata, the model_args and the
 # task's own metadata as keyword arguments; only gear_data_dir is ours, the rest is ignored.
@@ -56,26 +61,28 @@ def load_bbh(subtask, gear_data_dir=None, **_lm_eval_metadata):
 
 def _test_set(relative_path, read, hub, gear_data_dir):
     data_dir, named_by = _data_dir(gear_data_dir)
-    if data_dir is None:
+    if data_dir == HUB:
         return datasets.load_dataset(*hub, split="test")
     path = Path(data_dir).expanduser() / relative_path
     if not path.is_file():
         raise FileNotFoundError(
             f"{named_by} names the data folder {data_dir}, but it has no {relative_path} "
             f"(expected the layout of lm-eval-gear's shared/data: gsm8k/test.jsonl, "
-            f"aqua/test.json, bbh/tasks/<name>.json); unset it to read the HF hub instead"
+            f"aqua/test.json, bbh/tasks/<name>.json); point gear_data_dir or ${DATA_DIR_ENV} at "
+            f"such a folder, leave both unset for the packaged copy, or set one to {HUB!r} for "
+            f"the HF hub"
         )
     return datasets.Dataset.from_list(read(path))
 
 
 def _data_dir(gear_data_dir):
-    """The local data folder and what named it: the task argument wins over the
-    environment variable; (None, None) means the HF hub."""
+    """The data folder (or HUB) and what named it: the task argument wins over the
+    environment variable, and either wins over the packaged copy."""
     if gear_data_dir:
         return gear_data_dir, "the task argument gear_data_dir"
     if os.environ.get(DATA_DIR_ENV):
         return os.environ[DATA_DIR_ENV], f"${DATA_DIR_ENV}"
-    return None, None
+    return PACKAGED_DATA, "the default (no gear_data_dir, no $GEAR_DATA_DIR)"
 
 
 def _read_json_lines(path):

@@ -1,5 +1,6 @@
 """The GEAR paper's task YAMLs in tasks/: answer extraction, and lm-eval building them offline."""
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -203,6 +204,59 @@ def test_prompts_are_unchanged_copies(data_dir):
     assert len(pairs) == 2 + 27
     for copy, source in pairs:
         assert copy.read_bytes() == source.read_bytes(), copy
+
+
+def _json_lines(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def test_packaged_test_sets_are_unchanged_copies(data_dir):
+    packaged = TASKS / "data"
+    copies = [
+        "gsm8k/test.jsonl", "gsm8k/LICENSE", "aqua/test.json", "aqua/LICENSE", "bbh/LICENSE",
+        *(f"bbh/tasks/{s}.json" for s in BBH_SUBTASKS),
+    ]
+    for name in copies:
+        digest = [hashlib.sha256((root / name).read_bytes()).hexdigest() for root in (packaged, data_dir)]
+        assert digest[0] == digest[1], name
+    shipped = {str(p.relative_to(packaged)) for p in packaged.rglob("*") if p.is_file()}
+    assert shipped == {*copies, "README.md"}  # the test sets only, and their provenance
+
+
+def test_tasks_read_the_packaged_copy_by_default(monkeypatch, data_dir):
+    monkeypatch.delenv("GEAR_DATA_DIR", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", _no_hub)
+    manager = TaskManager(include_path=str(TASKS), include_defaults=False)
+    tasks = manager.load(["gsm8k_cot_gear", "aqua_cot_gear", "bbh_cot_gear_snarks"])["tasks"]
+    assert list(tasks["gsm8k_cot_gear"].eval_docs) == _json_lines(data_dir / "gsm8k" / "test.jsonl")
+    assert list(tasks["aqua_cot_gear"].eval_docs) == _json_lines(data_dir / "aqua" / "test.json")
+    snarks = [{**example, "subtask": "snarks"} for example in _bbh_examples(data_dir, "snarks")]
+    assert list(tasks["bbh_cot_gear_snarks"].eval_docs) == snarks
+
+
+@pytest.mark.parametrize("named_by", ["task argument", "environment variable"])
+def test_hub_is_read_when_named(monkeypatch, tmp_path, named_by):
+    calls = []
+
+    def load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return datasets.Dataset.from_list([{"input": "Q", "target": "A"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    if named_by == "task argument":  # wins over a folder named by the environment
+        monkeypatch.setenv("GEAR_DATA_DIR", str(tmp_path))
+        choice = {"gear_data_dir": "hub"}
+    else:
+        monkeypatch.setenv("GEAR_DATA_DIR", "hub")
+        choice = {}
+    gear_cot.load_gsm8k(**choice)
+    gear_cot.load_aqua(**choice)
+    gear_cot.load_bbh("snarks", **choice)
+    assert calls == [
+        (("openai/gsm8k", "main"), {"split": "test"}),
+        (("deepmind/aqua_rat", "raw"), {"split": "test"}),
+        (("SaylorTwift/bbh", "snarks"), {"split": "test"}),
+    ]
 
 
 def test_environment_variable_names_the_data_folder(offline_data):
