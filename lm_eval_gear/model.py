@@ -19,16 +19,21 @@ It overrides as little of HFLM as it can (like lm-eval's own ``hf_steered.py``):
   tag from ``registration.patch_cli_config``).
 * Data parallelism: on CPU too (HFLM splits requests only over GPUs), with every rank's memory
   figures gathered on rank 0 and lm-eval's padding copies left out of them.
+* ``fidelity=true``: each request type runs a second time on HFLM's own exact path, and the
+  distance between the two runs (``lm_eval_gear.paired``) goes to the results beside the memory.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lm_eval.api.model import CacheHook
 from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import normalize_gen_kwargs
 from tqdm import tqdm
 
 from gear_kernels import GearConfig, GearConfigError, resolve_kernel
@@ -37,8 +42,11 @@ from . import registration
 from .attention import use_gear_attention
 from .cache import COMPONENTS, GearCache
 from .compat import cache_kwarg
+from .fidelity import paired_teacher_forced
 from .forcing import forward_with_cache
-from .model_args import response_cache_tag, split_model_args
+from .model_args import fidelity_option, response_cache_tag, split_model_args
+from .paired import FidelityRecorder, Generated, Rolled, Scored
+from .paired import summary_line as fidelity_line
 from .smollm2 import GGUF_FILE, MODEL_NAME as EMBEDDED_MODEL_NAME, smollm2_hflm_args
 
 
@@ -117,7 +125,8 @@ class GearHFLM(HFLM):
 
     def __init__(self, pretrained: Any = None, **kwargs: Any) -> None:
         # validated before anything loads: a bad option stops the run at once
-        self.gear_config, kwargs = split_model_args(kwargs)
+        self.fidelity = fidelity_option(kwargs)
+        self.gear_config, kwargs = split_model_args(kwargs)  # without the GEAR and run options
         self._embedded_default = pretrained is None
         self._response_cache_tag = response_cache_tag(self.gear_config, pretrained)
         self._response_cache: str | None = None  # lm-eval's response cache file, when on
@@ -147,12 +156,20 @@ class GearHFLM(HFLM):
             use_gear_attention(self.model)  # decode attention reads the packed cache directly
         self._kv_local = KVMemoryMeter()  # since the last sync
         self._kv_total = KVMemoryMeter()  # the whole run (merged over ranks on rank 0)
+        self._fidelity_local = FidelityRecorder()  # likewise, for fidelity=true
+        self._fidelity_total = FidelityRecorder()
+        self._exact_pass = False  # within _exact_run: HFLM's own path, nothing compressed or measured
         self._windows_scored: dict[int, tuple[float, bool]] | None = None  # see loglikelihood_rolling
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def set_cache_hook(self, cache_hook) -> None:
         db = getattr(cache_hook, "dbdict", None)
+        if db is not None and self.fidelity:
+            raise GearConfigError(
+                "gear-hf: fidelity=true compares every request with the exact run, and use_cache would "
+                "answer some from the response cache without either run: drop one of them"
+            )
         if db is not None:
             name = os.path.basename(str(getattr(db, "filename", "")))
             if f"{self._response_cache_tag}_rank" not in name:
@@ -172,7 +189,7 @@ class GearHFLM(HFLM):
         return GearCache(self.gear_config, model_config=self.model.config, attention_mask=attention_mask)
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
-        if self.backend != "causal":
+        if self.backend != "causal" or self._exact_pass:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         cache = self.make_cache(generation_kwargs.get("attention_mask"))
         generation_kwargs[cache_kwarg(self.model)] = cache
@@ -183,7 +200,7 @@ class GearHFLM(HFLM):
     @property
     def _scores_compressed(self) -> bool:
         """Whether loglikelihood requests are scored through a GEAR cache (else HFLM's batched path)."""
-        return self.gear_config.compresses and self.backend == "causal"
+        return self.gear_config.compresses and self.backend == "causal" and not self._exact_pass
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if not self._scores_compressed:
@@ -244,29 +261,82 @@ class GearHFLM(HFLM):
     # loglikelihood does (batch_size=auto:N), so under method=none it keeps the copies.
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        return self._run_measured(super().loglikelihood, requests, disable_tqdm, unpad=self._scores_compressed)
+        return self._run_measured(super().loglikelihood, self._record_scored, requests, disable_tqdm,
+                                  unpad=self._scores_compressed)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         self._windows_scored = {}  # id(window) -> answer: HFLM holds every window until it returns
         try:
-            return self._run_measured(
-                super().loglikelihood_rolling, requests, disable_tqdm, unpad=self._scores_compressed
-            )
+            return self._run_measured(super().loglikelihood_rolling, self._record_rolled, requests, disable_tqdm,
+                                      unpad=self._scores_compressed)
         finally:
             self._windows_scored = None
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        return self._run_measured(super().generate_until, requests, disable_tqdm, unpad=True)
+        return self._run_measured(super().generate_until, self._record_generated, requests, disable_tqdm, unpad=True)
 
-    def _run_measured(self, run, requests, disable_tqdm: bool, unpad: bool) -> list:
-        """Runs one request type (without lm-eval's padding copies if unpad), then syncs the memory."""
-        copies = self._padding_copies(requests) if unpad else 0
-        out = run(requests[: len(requests) - copies], disable_tqdm=disable_tqdm)
-        if copies:
+    def _run_measured(self, run, record, requests, disable_tqdm: bool, unpad: bool) -> list:
+        """Runs one request type (and again on the exact path under fidelity=true), then syncs the
+        figures. lm-eval's padding copies are left out of the figures, and out of the run if unpad."""
+        copies = self._padding_copies(requests)
+        ran = requests[: len(requests) - copies] if unpad else requests
+        out = run(ran, disable_tqdm=disable_tqdm)
+        if self.fidelity:
+            with self._exact_run():
+                exact = run(ran, disable_tqdm=True)
+            for request, mine, theirs in list(zip(ran, out, exact, strict=True))[: len(requests) - copies]:
+                record(request, mine, theirs)
+        if unpad and copies:
             last = requests[-1]  # its answers are the last `repeats` ones
-            out += out[-last.repeats :] * (copies // last.repeats)
-        self._sync_memory()
+            out = out + out[-last.repeats :] * (copies // last.repeats)
+        self._sync()
         return out
+
+    @contextmanager
+    def _exact_run(self):
+        """HFLM's own path for the exact side of fidelity: no GEAR cache, nothing measured, and
+        nothing written to lm-eval's response cache (whose keys are the compressed run's)."""
+        hook, self.cache_hook = self.cache_hook, CacheHook(None)
+        self._exact_pass = True
+        try:
+            yield
+        finally:
+            self._exact_pass = False
+            self.cache_hook = hook
+
+    # ------------------------------------------------ fidelity records (lm_eval_gear.paired)
+
+    def _record_generated(self, request, mine: str, theirs: str) -> None:
+        tokens, kl, top1 = self._teacher_forced(request, theirs)
+        self._fidelity_local.generated.append(Generated(_task(request), tokens, kl, top1, mine == theirs))
+
+    def _record_scored(self, request, mine: tuple[float, bool], theirs: tuple[float, bool]) -> None:
+        self._fidelity_local.scored.append(
+            Scored(_task(request), request.doc_id, request.idx, (float(theirs[0]), bool(theirs[1])),
+                   (float(mine[0]), bool(mine[1])))
+        )
+
+    def _record_rolled(self, request, mine: float, theirs: float) -> None:
+        self._fidelity_local.rolled.append(Rolled(_task(request), float(theirs), float(mine)))
+
+    def _teacher_forced(self, request, exact_text: str) -> tuple[int, float, int]:
+        """(tokens, summed KL, top-1 matches) of the compressed cache along the exact run's answer.
+
+        The context is encoded as HFLM encoded it for generation; the answer is the exact run's
+        text, re-encoded (what lm-eval scores, stop sequence cut off).
+        """
+        context, gen_kwargs = request.args
+        max_gen = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)["max_gen_toks"]
+        prompt, _ = self.tok_batch_encode([context], left_truncate_len=self.max_length - max_gen,
+                                          truncation=self.truncation)
+        answer = self.tok_encode(exact_text, add_special_tokens=False)[:max_gen]
+        if not answer:
+            return 0, 0.0, 0
+        with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                            enabled=self.mixed_precision_dtype is not None):
+            kl, top1 = paired_teacher_forced(self.model, prompt.to(self.device), answer, self.make_cache(),
+                                             self.gear_config.buffer_size)
+        return len(answer), float(kl.sum()), int(top1.sum())
 
     def _padding_copies(self, requests) -> int:
         """How many requests at the end are evaluator.py's padding (copies of the last one)."""
@@ -276,24 +346,26 @@ class GearHFLM(HFLM):
         run = next((i for i, req in enumerate(reversed(requests)) if req is not last), len(requests))
         return run - last.repeats  # the last request itself comes `repeats` times
 
-    def _sync_memory(self) -> None:
+    def _sync(self) -> None:
         """Fold this rank's figures into the run's (gathered on rank 0 under data parallelism)."""
-        local, self._kv_local = self._kv_local, KVMemoryMeter()
+        memory, self._kv_local = self._kv_local, KVMemoryMeter()
+        fidelity, self._fidelity_local = self._fidelity_local, FidelityRecorder()
         if self.device.type == "cuda":
-            local.note_device_peak(torch.cuda.max_memory_allocated(self.device))
+            memory.note_device_peak(torch.cuda.max_memory_allocated(self.device))
+        parts = [(memory, fidelity)]
         if self.world_size > 1:
             # a collective, safe because every rank runs every request type: lm-eval stops a run
             # in which some rank gets no document of a task ("did not find any docs")
-            for part in self.gather_object(local, dst=0) or []:
-                if part is not None:
-                    self._kv_total.merge(part)
-        else:
-            self._kv_total.merge(local)
+            parts = [part for part in self.gather_object((memory, fidelity), dst=0) or [] if part is not None]
+        for memory, fidelity in parts:
+            self._kv_total.merge(memory)
+            self._fidelity_total.merge(fidelity)
 
     def gear_summary(self) -> dict[str, Any]:
-        """The GEAR config and the run's measured KV memory, as written to the results JSON."""
-        if self.world_size <= 1 and self._kv_local.caches:
-            self._sync_memory()
+        """The GEAR config, the run's measured KV memory and (fidelity=true) its distance from
+        the exact run, as written to the results JSON."""
+        if self.world_size <= 1 and (self._kv_local.caches or self._fidelity_local):
+            self._sync()
         memory = self._kv_total.summary()
         memory["response_cache"] = self._response_cache
         memory["notes"] = dict(MEMORY_NOTES)
@@ -306,7 +378,10 @@ class GearHFLM(HFLM):
             memory["notes"]["response_cache"] = (
                 "responses read from lm-eval's response cache ran no KV cache in this run and are not measured"
             )
-        return {"config": self.gear_config.as_dict(), "memory": memory}
+        summary = {"config": {**self.gear_config.as_dict(), "fidelity": self.fidelity}, "memory": memory}
+        if self.fidelity:
+            summary["fidelity"] = self._fidelity_total.summary()
+        return summary
 
     def get_model_info(self) -> dict:
         info = super().get_model_info()
@@ -315,7 +390,13 @@ class GearHFLM(HFLM):
         summary = self.gear_summary()
         info["gear"] = summary
         print(summary_line(summary), flush=True)
+        if "fidelity" in summary:
+            print(fidelity_line(summary["fidelity"]), flush=True)
         return info
+
+
+def _task(request) -> str:
+    return request.task_name or "(no task)"
 
 
 def _unknown_model_arg(exc: TypeError, kwargs: dict[str, Any]) -> Exception:

@@ -18,6 +18,10 @@ from typing import Any
 from gear_kernels import GearConfig, GearConfigError
 
 GEAR_OPTIONS: tuple[str, ...] = GearConfig.field_names()
+# gear-hf's options that are not compression settings: fidelity=true also runs the exact model
+# on every request and reports the distance (lm_eval_gear.paired)
+RUN_OPTIONS: tuple[str, ...] = ("fidelity",)
+OPTIONS = GEAR_OPTIONS + RUN_OPTIONS
 
 # What other KV-cache tools call these options (transformers' QuantizedCacheConfig, KIVI, the
 # GEAR reference code); a user coming from one of them types these.
@@ -50,7 +54,7 @@ def split_model_args(args: dict[str, Any]) -> tuple[GearConfig, dict[str, Any]]:
     naming the key or value and the valid choices.
     """
     gear = {k: v for k, v in args.items() if k in GEAR_OPTIONS}
-    rest = {k: v for k, v in args.items() if k not in GEAR_OPTIONS}
+    rest = {k: v for k, v in args.items() if k not in OPTIONS}
     for key in rest:
         if key in hflm_arg_names():
             continue
@@ -59,7 +63,7 @@ def split_model_args(args: dict[str, Any]) -> tuple[GearConfig, dict[str, Any]]:
             hint = f" (did you mean {' or '.join(map(repr, guesses))}?)" if guesses else ""
             raise GearConfigError(
                 f"gear-hf: unknown --model_args option {key!r}{hint}; "
-                f"the GEAR options are {', '.join(GEAR_OPTIONS)}"
+                f"the GEAR options are {', '.join(OPTIONS)}"
             )
     try:
         config = GearConfig.from_options(gear)
@@ -88,7 +92,7 @@ def gear_option_guesses(key: str) -> tuple[str, ...]:
         return (lowered[5:],)
     if lowered in PEER_NAMES:
         return PEER_NAMES[lowered]
-    near = difflib.get_close_matches(lowered, GEAR_OPTIONS, n=2, cutoff=0.75)
+    near = difflib.get_close_matches(lowered, OPTIONS, n=2, cutoff=0.75)
     if near:
         return tuple(near)
     if len(lowered) >= 4:  # a shortened name: group, buffer, outlier, rank_p...
@@ -113,10 +117,21 @@ def _typo_of(word: str, target: str) -> bool:
     return len(diff) == 2 and j == i + 1 and word[i] == target[j] and word[j] == target[i]
 
 
+def fidelity_option(args: dict[str, Any]) -> bool:
+    """The value of ``fidelity`` (default false): a bool, as lm-eval parses ``true``/``false``."""
+    raw = args.get("fidelity", False)
+    if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
+        raw = raw.strip().lower() == "true"
+    if isinstance(raw, int) and raw in (0, 1):  # bool included
+        return bool(raw)
+    raise GearConfigError(f"gear-hf: invalid --model_args: fidelity={raw!r} is invalid: allowed true or false")
+
+
 def check_model_args(args: dict[str, Any] | None) -> GearConfig:
     """Everything about ``--model_args`` that can be checked without loading the model."""
     args = dict(args or {})
     config, rest = split_model_args(args)
+    fidelity_option(args)
     if args.get("pretrained") is None:
         if rest.get("gguf_file"):
             raise GearConfigError("gear-hf: gguf_file needs pretrained=<folder or hub id>")

@@ -154,9 +154,9 @@ def patch_cli_config(config_cls: type) -> None:
     def from_cli(cls, *args, **kwargs):
         cfg = func(cls, *args, **kwargs)
         if getattr(cfg, "model", None) == MODEL_NAME:
-            tag = _check_cli_model_args(getattr(cfg, "model_args", None))
-            if getattr(cfg, "use_cache", None) and not str(cfg.use_cache).endswith(tag):
-                cfg.use_cache = f"{cfg.use_cache}{tag}"
+            use_cache = _check_cli_model_args(getattr(cfg, "model_args", None), getattr(cfg, "use_cache", None))
+            if use_cache is not None:
+                cfg.use_cache = use_cache
         return cfg
 
     from_cli.__doc__ = func.__doc__
@@ -164,23 +164,32 @@ def patch_cli_config(config_cls: type) -> None:
     setattr(config_cls, _PATCH_MARK, True)
 
 
-def _check_cli_model_args(model_args: Any) -> str:
-    """Exit with one line on a bad option; else the config's response-cache tag."""
+def _check_cli_model_args(model_args: Any, use_cache: str | None) -> str | None:
+    """Exit with one line on a bad option; else the --use_cache path tagged with the config."""
     from gear_kernels import GearConfigError
 
-    from .model_args import check_model_args, response_cache_tag
+    from .model_args import check_model_args, fidelity_option, response_cache_tag
     from .smollm2 import EmbeddedModelMissing
 
     if isinstance(model_args, str):
         from lm_eval.utils import simple_parse_args_string
 
         model_args = simple_parse_args_string(model_args)
+    model_args = model_args or {}
     try:
         config = check_model_args(model_args)
+        if use_cache and fidelity_option(model_args):
+            raise GearConfigError(
+                "gear-hf: fidelity=true compares every request with the exact run, and --use_cache "
+                "would answer some from the response cache without either run: drop one of them"
+            )
     except (GearConfigError, EmbeddedModelMissing) as exc:
         sys.stderr.write(f"lm_eval: error: {exc}\n")
         raise SystemExit(2) from None
-    return response_cache_tag(config, (model_args or {}).get("pretrained"))
+    if not use_cache:
+        return None
+    tag = response_cache_tag(config, model_args.get("pretrained"))
+    return use_cache if str(use_cache).endswith(tag) else f"{use_cache}{tag}"
 
 
 def patch_results_naming(tracker_cls: type) -> None:

@@ -8,7 +8,9 @@ All lm_eval processes start at once (they are mostly import time) in one module 
         loglikelihoods, and memory figures in the results JSON;
 * gear: the same with `method=gear,bits=2` and a small buffer and groups, so the prompt, the
         streamed chunks and the buffer all hold something: the loglikelihoods move, the results
-        JSON and the printed summary hold the GEAR config and the measured KV memory;
+        JSON and the printed summary hold the GEAR config and the measured KV memory; with
+        `fidelity=true`, and gear4 the same at 4 bits: the CI gate passes a run against its own
+        baseline and fails the 2-bit run against the 4-bit one;
 * bad:  `bits=5`: exits at once (before any model loads) with one line naming it;
 * cached2, cached4: the generation task with `--use_cache` on one path at bits 2 and 4: each
         configuration gets its own response-cache file (a rerun then reads it);
@@ -103,7 +105,9 @@ def runs(tmp_path_factory):
     commands = {
         "hf": [lm_eval, "--model", "hf", "--model_args", f"pretrained={model}", *common],
         "none": [lm_eval, "--model", "gear-hf", "--model_args", f"pretrained={model},method=none", *common],
-        "gear": [lm_eval, "--model", "gear-hf", "--model_args", f"pretrained={model},{GEAR_ARGS}", *common],
+        "gear": [lm_eval, "--model", "gear-hf", "--model_args", f"pretrained={model},{GEAR_ARGS},fidelity=true", *common],
+        "gear4": [lm_eval, "--model", "gear-hf", "--model_args",
+                  f"pretrained={model},{GEAR_ARGS.replace('bits=2', 'bits=4')},fidelity=true", *common],
         "bad": [
             lm_eval, "--model", "gear-hf", "--model_args", "pretrained=/nonexistent/model,bits=5",
             "--tasks", "gear_cli_gen", "--include_path", str(TASKS_DIR),
@@ -116,7 +120,7 @@ def runs(tmp_path_factory):
             "--tasks", "gear_cli_gen", "--include_path", str(TASKS_DIR), "--device", "cpu", "--batch_size", "2",
             "--log_samples", "--use_cache", str(root / "responses"),
         ]
-    for name in ("hf", "none", "gear", "cached2", "cached4"):
+    for name in ("hf", "none", "gear", "gear4", "cached2", "cached4"):
         commands[name] += ["--output_path", str(root / "out" / name)]
     logs = root / "logs"
     logs.mkdir()
@@ -194,7 +198,7 @@ def test_gear_hf_compresses_every_request_type(runs):
     config = results["config"]
     assert config["model"] == "gear-hf"
     gear = config["gear"]
-    assert gear["config"] | {"method": "gear", "bits": 2, "buffer_size": 8, "group_size": 8} == gear["config"]
+    assert gear["config"] | {"method": "gear", "bits": 2, "buffer_size": 8, "group_size": 8, "fidelity": True} == gear["config"]
     memory = gear["memory"]
     # generation: 5 prompts (in batches of 2); choice: 4 docs x 3 options; rolling: 3 texts,
     # the last one longer than the model's 256 positions, so in several windows
@@ -253,7 +257,8 @@ def test_use_cache_keeps_configurations_apart(runs):
     files = sorted(p.name for p in root.glob("responses*.db"))
     assert len(files) == 2 and all(f.startswith("responses_gear-") and f.endswith("_rank0.db") for f in files)
     gen = ["gear_cli_gen"]
-    assert _samples(runs["cached2"], gen) == _samples(runs["gear"], gen)  # same config as the uncached run
+    # same compression as the uncached run (which also ran the exact model: fidelity=true)
+    assert _samples(runs["cached2"], gen) == _samples(runs["gear"], gen)
     assert _samples(runs["cached4"], gen) != _samples(runs["cached2"], gen)
     measured = _results(runs["cached4"])["config"]["gear"]["memory"]
     assert measured["sequences"] == {"generate_until": 5} and measured["response_cache"] in files
@@ -265,3 +270,39 @@ def test_use_cache_keeps_configurations_apart(runs):
     assert _samples(again, gen) == _samples(runs["cached4"], gen)
     assert _results(again)["config"]["gear"]["memory"]["kv_caches"] == 0
     assert "nothing measured (every response came from lm-eval's response cache)" in done.stdout
+
+
+def _gate(*args: str) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).with_name("lm-eval-gear")
+    if not script.exists():
+        pytest.fail(f"no lm-eval-gear command next to {sys.executable}: pip install -e .")
+    return subprocess.run([str(script), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_fidelity_figures_and_the_gate_end_to_end(runs, tmp_path):
+    """The stock CLI with fidelity=true writes the figures of every request type; a run passes
+    the gate against its own baseline, the 2-bit run fails against the 4-bit baseline, and runs
+    without fidelity figures cannot be gated."""
+    _ok(runs["gear4"])
+    two = _results(runs["gear"])["config"]["gear"]["fidelity"]
+    four = _results(runs["gear4"])["config"]["gear"]["fidelity"]
+    assert set(two["per_task"]) == set(TASKS)
+    for kind in ("generate_until", "loglikelihood", "loglikelihood_rolling"):
+        assert kind in two["overall"] and kind in four["overall"]
+    assert two["overall"]["generate_until"]["tf_kl"] > four["overall"]["generate_until"]["tf_kl"] > 0
+    assert two["overall"]["loglikelihood"]["mean_abs_diff"] > four["overall"]["loglikelihood"]["mean_abs_diff"] > 0
+    assert "gear-hf fidelity vs exact: generate_until: tf_kl" in runs["gear"]["stdout"]
+
+    for name in ("gear", "gear4"):
+        made = _gate("baseline", runs[name]["out"], "-o", tmp_path / f"{name}.json")
+        assert made.returncode == 0, made.stderr
+    own = _gate("gate", runs["gear"]["out"], "--baseline", tmp_path / "gear.json")
+    assert own.returncode == 0, own.stdout + own.stderr
+    worse = _gate("gate", runs["gear"]["out"], "--baseline", tmp_path / "gear4.json")
+    assert worse.returncode == 1, worse.stdout + worse.stderr
+    failed = [line for line in worse.stdout.splitlines() if "FAIL" in line]
+    assert any("tf_kl" in line for line in failed) and any("bits" in line for line in failed)
+    bare = _gate("gate", runs["none"]["out"], "--baseline", tmp_path / "gear.json")  # gear-hf without fidelity
+    assert bare.returncode == 2 and "no fidelity figures" in bare.stderr
+    not_ours = _gate("gate", runs["hf"]["out"], "--baseline", tmp_path / "gear.json")
+    assert not_ours.returncode == 2 and "not written by lm_eval --model gear-hf" in not_ours.stderr
