@@ -9,13 +9,14 @@ The run (about 2 minutes on an H200, most of it Triton compiling):
 1. measures the device's memory bandwidth with a large device-to-device copy;
 2. checks on CUDA: compress_triton against chunk.compress (codes, scales, zero points and
    outliers bitwise, low-rank factors close) and decode_attention_triton against
-   decode_attention_torch, over backbones, bit widths, fp16/bf16, GQA ratios, q_len, padding,
-   per-row segments; any failure is reported (exit status 1);
+   decode_attention_torch, over backbones, bit widths, fp16/bf16, GQA ratios, q_len, prompt
+   rows of different lengths and streamed chunks; any failure is reported (exit status 1);
 3. picks the fastest of a few tile and split configurations (TUNING in triton_attention) for
    gear and kivi at 32k tokens, batch 1 and 32, and repeats the attention checks with it;
 4. times (median of triton.testing.do_bench) at 1k, 8k and 32k cached tokens and batch 1, 8 and
-   32 (kv_heads 8, q_heads 32, head_dim 128, fp16, gear 2-bit kivi, one compressed prompt chunk
-   plus a 16-token buffer): decode attention with gear and with kivi (no outliers, no low rank),
+   32 (kv_heads 8, q_heads 32, head_dim 128, fp16, gear 2-bit kivi, a layer store holding every
+   row's compressed prompt, plus a 16-token buffer): decode attention with gear and with kivi
+   (no outliers, no low rank), one launch and a merge whatever the batch,
    gear's torch path (attention_reference, what kernel=torch runs), torch SDPA over an fp16
    cache of the same length, and the quantize+pack kernels on the prompt's keys. Each time is
    set against the bytes the kernel must move at the measured bandwidth (the "% of copy BW"
@@ -59,6 +60,7 @@ from gear_kernels import triton_device as td  # noqa: E402
 from gear_kernels import triton_quantize as tq  # noqa: E402
 from gear_kernels.attention_reference import decode_attention_torch  # noqa: E402
 from gear_kernels.outliers import select_outliers  # noqa: E402
+from gear_kernels.store import KVStore, PromptPart  # noqa: E402
 
 TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}
 
@@ -166,8 +168,8 @@ def tensor_bytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def chunk_bytes(chunks) -> int:
-    return sum(c.nbytes() for c in chunks)
+def store_bytes(store: KVStore) -> int:
+    return sum(store.nbytes().values())
 
 
 def randn_kv(batch, heads, tokens, dim, dtype, seed, kind):
@@ -214,49 +216,52 @@ def check_compress(small: bool) -> list[tuple[str, bool, str]]:
     return results
 
 
-def make_segments(config, batch, heads, dim, dtype, lengths, per_row, seed):
-    keys, values = [], []
-    if per_row:
-        keys.append([compress(randn_kv(1, heads, n, dim, dtype, seed + b, "key"), config, "key") for b, n in enumerate(per_row)])
-        values.append([compress(randn_kv(1, heads, n, dim, dtype, seed + 50 + b, "value"), config, "value")
-                       for b, n in enumerate(per_row)])
-    for i, n in enumerate(lengths):
-        keys.append(compress(randn_kv(batch, heads, n, dim, dtype, seed + 100 + i, "key"), config, "key"))
-        values.append(compress(randn_kv(batch, heads, n, dim, dtype, seed + 200 + i, "value"), config, "value"))
-    return keys, values
+def prompt_store(keys, values, lengths, chunks=()) -> KVStore:
+    """A store of row b's last lengths[b] tokens of the compressed prompt rows (keys, values: one
+    CompressedChunk per row), then the streamed (key, value) chunks."""
+    store = KVStore(batch=len(keys), prompt_end=max(lengths)).with_prompt(keys, values)
+    for k, v in chunks:
+        store = store.appended(k, v)
+    return store
+
+
+def make_store(config, batch, heads, dim, dtype, prompt, n_chunks, seed):
+    rows = [(compress(randn_kv(1, heads, n, dim, dtype, seed + b, "key"), config, "key"),
+             compress(randn_kv(1, heads, n, dim, dtype, seed + 50 + b, "value"), config, "value")) for b, n in enumerate(prompt)]
+    size = config.buffer_size
+    chunks = [(compress(randn_kv(batch, heads, size, dim, dtype, seed + 100 + i, "key"), config, "key", config.rank_chunk),
+               compress(randn_kv(batch, heads, size, dim, dtype, seed + 200 + i, "value"), config, "value", config.rank_chunk))
+              for i in range(n_chunks)]
+    return prompt_store([k for k, _ in rows], [v for _, v in rows], prompt, chunks)
 
 
 def check_attention(small: bool) -> list[tuple[str, bool, str]]:
-    # method, backbone, bits, dim, ratio, batch, q_len, dtype, shared lengths, per-row lengths, n_buf, pad
+    # method, backbone, bits, dim, ratio, q_len, dtype, prompt rows, streamed chunks, n_buf
     cases = [
-        ("gear", "kivi", 2, 128, 4, 3, 1, torch.float16, (1000, 64), None, 10, False),
-        ("gear", "flexgen", 3, 128, 8, 2, 2, torch.bfloat16, (700,), None, 5, False),
-        ("gear-l", "kcvt", 4, 64, 1, 2, 1, torch.float16, (333, 64), None, 3, True),
-        ("kivi", "kivi", 8, 64, 3, 3, 1, torch.bfloat16, (64,), (300, 129, 64), 7, False),
-        ("none", "kivi", 2, 128, 4, 2, 1, torch.float16, (500,), None, 4, False),
+        ("gear", "kivi", 2, 128, 4, 1, torch.float16, (1000, 1000, 700), 2, 10),
+        ("gear", "flexgen", 3, 128, 8, 2, torch.bfloat16, (700, 333), 1, 5),
+        ("gear-l", "kcvt", 4, 64, 1, 1, torch.float16, (333, 64), 3, 3),
+        ("kivi", "kivi", 8, 64, 3, 1, torch.bfloat16, (300, 129, 64), 1, 7),
+        ("gear", "kivi", 2, 128, 4, 1, torch.float16, (2048,), 16, 1),
     ]
     if small:
-        cases = [(m, bb, b, 64, r, bt, ql, dt, tuple(min(n, 70) for n in ls),
-                  None if pr is None else tuple(min(n, 40) for n in pr), nb, pad)
-                 for m, bb, b, _, r, bt, ql, dt, ls, pr, nb, pad in cases]
+        cases = [(m, bb, b, 64, r, ql, dt, tuple(min(n, 70) for n in pr), min(c, 2), nb)
+                 for m, bb, b, _, r, ql, dt, pr, c, nb in cases]
     results = []
-    for i, (method, backbone, bits, dim, ratio, batch, q_len, dtype, lengths, per_row, n_buf, pad) in enumerate(cases):
-        heads = 2
+    for i, (method, backbone, bits, dim, ratio, q_len, dtype, prompt, n_chunks, n_buf) in enumerate(cases):
+        heads, batch = 2, len(prompt)
         config = GearConfig(method=method, backbone=backbone, bits=bits)
-        keys, values = make_segments(config, batch if per_row is None else len(per_row), heads, dim, dtype,
-                                     lengths, per_row, 10 * i)
-        batch = batch if per_row is None else len(per_row)
+        store = make_store(config, batch, heads, dim, dtype, prompt, n_chunks, 10 * i)
         k_buf = randn_kv(batch, heads, n_buf, dim, dtype, i + 1, "key")
         v_buf = randn_kv(batch, heads, n_buf, dim, dtype, i + 2, "value")
         q = randn_kv(batch, heads * ratio, q_len, dim, dtype, i + 3, "value")
-        pad_len = torch.tensor([5, 0, 9][:batch]) if pad else None
-        ref = decode_attention_torch(q, keys, values, k_buf, v_buf, dim ** -0.5, pad_len)
+        ref = decode_attention_torch(q, store, k_buf, v_buf, dim ** -0.5)
         out = torch.full_like(q, float("nan"))
-        ta.decode_attention_triton(q, keys, values, k_buf, v_buf, dim ** -0.5, pad_len, out=out)
+        ta.decode_attention_triton(q, store, k_buf, v_buf, dim ** -0.5, out=out)
         err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
         ok = err < TOL[dtype] and not torch.isnan(out).any().item()
-        name = (f"attention {method} {backbone} {bits}-bit d{dim} gqa{ratio} b{batch} q{q_len} {str(dtype)[6:]}"
-                f"{' pad' if pad else ''}{' per-row' if per_row else ''}")
+        name = (f"attention {method} {backbone} {bits}-bit d{dim} gqa{ratio} b{batch} q{q_len} {str(dtype)[6:]} "
+                f"rows {'/'.join(map(str, prompt))} + {n_chunks} chunks")
         results.append((name, ok, f"rel err {err:.1e} (tol {TOL[dtype]:.0e})"))
     return results
 
@@ -264,7 +269,7 @@ def check_attention(small: bool) -> list[tuple[str, bool, str]]:
 # ------------------------------------------------------------------ timing
 
 class Cache:
-    """One compressed prompt chunk per K and V, plus a buffer, for `batch` rows."""
+    """Every row's compressed prompt (a layer store) plus a buffer, for up to `batch` rows."""
 
     def __init__(self, config, batch, heads, tokens, dim, dtype, n_buf, seed):
         self.k = randn_kv(batch, heads, tokens, dim, dtype, seed, "key")
@@ -281,9 +286,11 @@ class Cache:
         return self.chunks[method]
 
     def rows(self, method: str, batch: int):
+        """(store, k_buf, v_buf) of the first `batch` rows."""
         k, v = self.compressed(method)
-        index = torch.arange(batch, device=DEVICE)
-        return ([k.select_rows(index)], [v.select_rows(index)], self.k_buf[:batch], self.v_buf[:batch])
+        one = [torch.tensor([b], device=DEVICE) for b in range(batch)]
+        store = prompt_store([k.select_rows(i) for i in one], [v.select_rows(i) for i in one], [k.shape[2]] * batch)
+        return store, self.k_buf[:batch], self.v_buf[:batch]
 
 
 def time_rows(tokens_list, batches, methods, heads, ratio, dim, dtype, n_buf):
@@ -304,18 +311,18 @@ def time_rows(tokens_list, batches, methods, heads, ratio, dim, dtype, n_buf):
             sdpa_s = bench(sdpa)
             yield tokens, batch, "SDPA fp16 cache", sdpa_s, sdpa_bytes, sdpa_s
             for method in methods:
-                keys, values, k_buf, v_buf = cache.rows(method, batch)
+                store, k_buf, v_buf = cache.rows(method, batch)
                 out = torch.empty_like(q)
-                moved = chunk_bytes(keys + values) + tensor_bytes(q, out, k_buf, v_buf)
+                moved = store_bytes(store) + tensor_bytes(q, out, k_buf, v_buf)
 
                 def attend():
-                    return ta.decode_attention_triton(q, keys, values, k_buf, v_buf, scale, out=out)
+                    return ta.decode_attention_triton(q, store, k_buf, v_buf, scale, out=out)
 
                 yield tokens, batch, f"decode attention {method} 2-bit", bench(attend), moved, sdpa_s
                 if method == "gear":  # the torch path (dispatch's kernel=torch) on the same cache
-                    torch_s = bench(lambda: decode_attention_torch(q, keys, values, k_buf, v_buf, scale))
+                    torch_s = bench(lambda: decode_attention_torch(q, store, k_buf, v_buf, scale))
                     yield tokens, batch, "decode attention gear 2-bit, torch path", torch_s, moved, sdpa_s
-                del keys, values
+                del store
             x = cache.k[:batch].reshape(batch * heads, tokens, dim)
             index = select_outliers(x.reshape(batch * heads, -1).float(), config.outlier_ratio)
             exclude = torch.zeros((batch * heads, tokens * dim), dtype=torch.uint8, device=DEVICE)
@@ -351,8 +358,8 @@ def tune(heads, ratio, dim, dtype, n_buf, tokens, batches, methods=("gear", "kiv
     for cfg in configs:
         ta.TUNING.update(cfg)
         try:
-            per_pair = [bench(lambda: ta.decode_attention_triton(q, keys, values, kb, vb, 0.1))
-                        for (keys, values, kb, vb), q in inputs.values()]
+            per_pair = [bench(lambda: ta.decode_attention_triton(q, store, kb, vb, 0.1))
+                        for (store, kb, vb), q in inputs.values()]
         except Exception as error:  # noqa: BLE001 - a sweep entry that does not compile is skipped
             print(f"  tile config {cfg}: failed ({type(error).__name__}: {str(error)[:120]})")
             continue
@@ -384,22 +391,22 @@ def main() -> int:
     started = time.time()
     if OPTS.compile:
         # launch what the checks and the timed runs launch, at GPU sizes; nothing executes
-        if OPTS.quick:  # the default config, keys and values; the 3-bit gather path; q_len 2
+        if OPTS.quick:  # the default config, keys and values; the 3-bit gather path; q_len 2; chunks
             config = GearConfig(method="gear", bits=3, backbone="flexgen")
-            keys, values = make_segments(config, 2, 2, 128, torch.bfloat16, (100,), None, 0)
+            store = make_store(config, 2, 2, 128, torch.bfloat16, (100, 70), 2, 0)
             buf = randn_kv(2, 2, 4, 128, torch.bfloat16, 1, "key")
-            ta.decode_attention_triton(randn_kv(2, 8, 2, 128, torch.bfloat16, 2, "key"), keys, values, buf, buf, 0.1)
+            ta.decode_attention_triton(randn_kv(2, 8, 2, 128, torch.bfloat16, 2, "key"), store, buf, buf, 0.1)
         else:
             check_compress(small=False)
             check_attention(small=True)
         cache = Cache(GearConfig(), 2, 2, 300, 128, torch.float16, 16, 0)
         for method in ("gear",) if OPTS.quick else ("gear", "kivi"):
-            keys, values, kb, vb = cache.rows(method, 2)
+            store, kb, vb = cache.rows(method, 2)
             q = randn_kv(2, 8, 1, 128, torch.float16, 1, "value")
             for cfg in ({},) if OPTS.quick else ({}, dict(block_n=64), dict(block_n=64, num_warps=8)):
                 saved = dict(ta.TUNING)
                 ta.TUNING.update(cfg)
-                ta.decode_attention_triton(q, keys, values, kb, vb, 0.1)
+                ta.decode_attention_triton(q, store, kb, vb, 0.1)
                 ta.TUNING.update(saved)
         print(f"\n{len(report)} kernel variants compiled for sm_{OPTS.arch} in {time.time() - started:.0f}s")
         return 0
@@ -434,7 +441,7 @@ def main() -> int:
                                                                   for name, ok, detail in retest), flush=True)
         failed += [c for c in retest if not c[1]]
     print(f"\nkv_heads {heads}, q_heads {heads * ratio}, head_dim {dim}, {str(dtype)[6:]}, gear = 2-bit kivi "
-          f"backbone, group 64, 2% outliers, rank 4; cache = one compressed prompt chunk + {n_buf} exact tokens; "
+          f"backbone, group 64, 2% outliers, rank 4; cache = every row's compressed prompt + {n_buf} exact tokens; "
           f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; tiles {ta.TUNING}\n")
     print("| cached tokens | batch | kernel | time (us) | bytes moved (MB) | GB/s | % of copy BW | vs SDPA fp16 |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|")

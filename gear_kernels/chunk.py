@@ -35,7 +35,7 @@ def grouping(kind: str, backbone: str, group_size: int, tokens: int, head_dim: i
 class CompressedChunk:
     """Only the stored tensors, plus the few integers needed to read them back.
 
-    codes: (batch, heads, words) packed codes of the chunk in (tokens, head_dim) order.
+    codes: (batch, heads, tokens, bytes) uint8, each token's head_dim codes packed (packing.py).
     scale, zero: fp16, (batch, heads, head_dim, n_groups) when per_channel (groups along
     tokens) else (batch, heads, tokens, n_groups).
     outlier_values (batch, heads, n) in the input dtype; outlier_index (batch, heads, n) flat
@@ -101,7 +101,7 @@ def quantize_pack_torch(
     x: torch.Tensor, exclude: torch.Tensor | None, bits: int, group: int, per_channel: bool,
     want_residual: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """x (rows, T, D) -> codes (rows, words), scale and zero fp16 ((rows, D, n_groups) if
+    """x (rows, T, D) -> codes (rows, T, bytes), scale and zero fp16 ((rows, D, n_groups) if
     per_channel else (rows, T, n_groups)), residual x - dequantized (rows, T, D) fp32 or None.
 
     exclude (rows, T*D) bool or None: entries left out of the min/max (outliers), residual 0.
@@ -113,7 +113,7 @@ def quantize_pack_torch(
     codes, scale, zero = quantize(
         _to_groups(xf, per_channel), None if skip is None else _to_groups(skip, per_channel), bits, group
     )
-    packed = pack(_from_groups(codes, per_channel).reshape(rows, -1), bits)
+    packed = pack(_from_groups(codes, per_channel), bits)  # (rows, T, bytes)
     if not want_residual:
         return packed, scale, zero, None
     residual = xf - _from_groups(dequantize(codes, scale, zero, group), per_channel)
@@ -158,7 +158,7 @@ def compress(
 
     want_lowrank = config.uses_lowrank and r > 0
     codes, scale, zero, residual = quantize_pack(xs, exclude, config.bits, group, per_channel, want_lowrank)
-    parts.update(codes=codes.reshape(batch, heads, -1), scale=scale.reshape(batch, heads, *scale.shape[1:]),
+    parts.update(codes=codes.reshape(batch, heads, tokens, -1), scale=scale.reshape(batch, heads, *scale.shape[1:]),
                  zero=zero.reshape(batch, heads, *zero.shape[1:]))
     if want_lowrank:
         a, b = power_iteration(residual, r, config.power_iters, config.seed)
@@ -172,11 +172,11 @@ def decompress(chunk: CompressedChunk) -> torch.Tensor:
     if chunk.exact is not None:
         return chunk.exact
     batch, heads, tokens, head_dim = chunk.shape
-    codes = unpack(chunk.codes, chunk.bits, tokens * head_dim).reshape(chunk.shape)
+    codes = unpack(chunk.codes, chunk.bits, head_dim)
     out = _from_groups(dequantize(_to_groups(codes, chunk.per_channel), chunk.scale, chunk.zero, chunk.group),
                        chunk.per_channel)
     if chunk.lowrank_a is not None:
-        out = out + chunk.lowrank_a.float() @ chunk.lowrank_b.float().transpose(-1, -2)
+        out = out + lowrank_product(chunk.lowrank_a, chunk.lowrank_b)
     # The scale is rounded up, so the top code of a group reaching the dtype's maximum lands a
     # little beyond it: clamp, or the cast makes it inf.
     finite = torch.finfo(chunk.dtype).max
@@ -185,6 +185,19 @@ def decompress(chunk: CompressedChunk) -> torch.Tensor:
         # Not in place: per-channel groups leave `out` transposed, so `flat` may be a copy.
         flat = flat.scatter(-1, chunk.outlier_index.long(), chunk.outlier_values)
     return flat.reshape(chunk.shape)
+
+
+def lowrank_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (..., T, r), b (..., D, r) -> A B^T (..., T, D) in fp32.
+
+    One rank at a time, by elementwise products and sums: each entry is then computed the same
+    way whatever the shape around it (a matmul may block and round differently by shape), so a
+    row reconstructs bitwise alike alone and inside a batch, on every path that uses this.
+    """
+    out = a[..., :, None, 0].float() * b[..., None, :, 0].float()
+    for k in range(1, a.shape[-1]):
+        out = out + a[..., :, None, k].float() * b[..., None, :, k].float()
+    return out
 
 
 def _to_groups(x: torch.Tensor, per_channel: bool) -> torch.Tensor:

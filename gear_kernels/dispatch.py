@@ -4,7 +4,7 @@ auto means triton for CUDA tensors (when triton imports) and torch elsewhere. "t
 tensors runs only under TRITON_INTERPRET=1 (tests); otherwise it raises. Triton modules are
 imported lazily, so gear_kernels works on machines without triton.
 
-    decode_attention(q, key_segments, value_segments, k_buf, v_buf, scale, pad_len=None, kernel="auto")
+    decode_attention(q, store, k_buf, v_buf, scale, kernel="auto")
     compress(x, config, kind, rank=None, kernel=None)   # kernel defaults to config.kernel
 
 Both paths of each function compute the same thing (attention_reference.py and
@@ -13,14 +13,13 @@ triton_attention.py; chunk.py and triton_quantize.py).
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
-from .attention_reference import Segment, decode_attention_torch
+from .attention_reference import decode_attention_torch
 from .chunk import CompressedChunk
 from .chunk import compress as compress_torch
 from .config import KERNELS, GearConfig
+from .store import KVStore
 
 
 def triton_available() -> bool:
@@ -44,37 +43,25 @@ def resolve_kernel(kernel: str, device: torch.device | str) -> str:
 
 def decode_attention(
     q: torch.Tensor,
-    key_segments: Sequence[Segment],
-    value_segments: Sequence[Segment],
+    store: KVStore | None,
     k_buf: torch.Tensor | None,
     v_buf: torch.Tensor | None,
     scale: float,
-    pad_len: torch.Tensor | None = None,
     kernel: str = "auto",
 ) -> torch.Tensor:
     """Attention of q over a compressed layer cache: (batch, q_heads, q_len, head_dim) in q's dtype.
 
-    q (batch, q_heads, q_len, head_dim); key_segments / value_segments: the layer's compressed
-    segments in position order, each a CompressedChunk (batch, kv_heads, tokens, head_dim)
-    shared by all rows or a per-row list of batch-1 chunks (or None); k_buf / v_buf the exact
-    buffer (batch, kv_heads, n_buf, head_dim) or None; scale the softmax scale; pad_len
-    (batch,) leading positions of each row to ignore (shared segments only). q_len > 1: the
-    queries are the last q_len tokens of each row, causally masked. GQA: q_heads = kv_heads *
-    ratio, never repeating K/V. See attention_reference.py for the exact contract.
-
-    The Triton path handles q_len > 1 only when the queries' own tokens are in the buffer
-    (n_buf >= q_len); otherwise this falls back to the torch path, which computes the same.
+    q (batch, q_heads, q_len, head_dim); store: the layer's KVStore (its prompt rows, then its
+    streamed chunks) or None; k_buf / v_buf the exact buffer (batch, kv_heads, n_buf, head_dim)
+    or None; scale the softmax scale. q_len > 1: the queries are the buffer's last q_len
+    tokens, causally masked. GQA: q_heads = kv_heads * ratio, never repeating K/V. See
+    attention_reference.py for the exact contract.
     """
-    path = resolve_kernel(kernel, q.device)
-    if path == "triton":
-        n_buf = 0 if k_buf is None else k_buf.shape[-2]
-        if q.dim() == 4 and q.shape[2] > 1 and n_buf < q.shape[2]:
-            path = "torch"
-    if path == "torch":
-        return decode_attention_torch(q, key_segments, value_segments, k_buf, v_buf, scale, pad_len)
+    if resolve_kernel(kernel, q.device) == "torch":
+        return decode_attention_torch(q, store, k_buf, v_buf, scale)
     from .triton_attention import decode_attention_triton
 
-    return decode_attention_triton(q, key_segments, value_segments, k_buf, v_buf, scale, pad_len)
+    return decode_attention_triton(q, store, k_buf, v_buf, scale)
 
 
 def compress(x: torch.Tensor, config: GearConfig, kind: str, rank: int | None = None,

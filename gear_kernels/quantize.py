@@ -70,8 +70,14 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gro
     """codes (..., L), scale and zero (..., n_groups) -> (..., L) fp32."""
     length = codes.shape[-1]
     grid = _grouped(codes.float(), group, 0.0)  # (..., n_groups, group)
-    out = torch.addcmul(zero.float().unsqueeze(-1), grid, scale.float().unsqueeze(-1))
-    return out.flatten(-2)[..., :length]
+    return dequantize_entries(grid, scale.unsqueeze(-1), zero.unsqueeze(-1)).flatten(-2)[..., :length]
+
+
+def dequantize_entries(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """code * scale + zero in fp32, broadcasting; a product and a sum, each rounded on its own
+    (no fused multiply-add), so that every path computes every entry alike: the cache's layer
+    store, chunk.decompress and the Triton kernels (compiled without FP fusion)."""
+    return codes.float() * scale.float() + zero.float()
 
 
 def _expand(per_group: torch.Tensor, group: int, length: int) -> torch.Tensor:

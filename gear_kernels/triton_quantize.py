@@ -18,8 +18,8 @@
   torch's own addcmul may fuse into an FMA, so A and B can differ from it in the last bits.
 
 Two kernels: `_group_stats_kernel` (scale and zero of every group) and `_pack_kernel` (codes,
-packed words and residual, one program per block of packed words, so 3-bit words that straddle
-two tokens need no special case).
+packed words and residual, one program per block of packed words; a token's codes are its own
+row of bytes, 3-bit ones 8 to a 3-byte word).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .chunk import CompressedChunk, compress
 from .config import GearConfig
-from .packing import CODES_PER_WORD, WORD_DTYPE, packed_length
+from .packing import BYTES_PER_WORD, CODES_PER_WORD, packed_length
 from .quantize import FP16_MAX, levels
 from . import triton_device as td
 from .triton_device import pow2 as _pow2
@@ -137,33 +137,36 @@ def _group_stats_kernel(
 @triton.jit
 def _pack_kernel(
     x_ptr, ex_ptr, scale_ptr, zero_ptr, codes_ptr, res_ptr,
-    T, D, NG, G, W, top,
-    BITS: tl.constexpr, PW: tl.constexpr, PW_P2: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    T, D, NG, G, WPT, top,
+    BITS: tl.constexpr, PW: tl.constexpr, PW_P2: tl.constexpr, WB: tl.constexpr, PER_CHANNEL: tl.constexpr,
     HAS_EX: tl.constexpr, WRITE_RES: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """Codes of a block of BLOCK_W packed words of one slice; grid (rows, word blocks).
 
-    Word w holds the codes of flat positions w * PW + j (j < PW) of the (T, D) slice at bit
-    offset j * BITS. Optionally writes the residual x - dequant (0 at excluded entries), fp32.
+    Token t holds WPT words (packing.py): word u holds the codes of channels u * PW + j
+    (j < PW) at bit offset j * BITS, and is stored as its WB bytes, low first. Optionally
+    writes the residual x - dequant (0 at excluded entries), fp32.
     """
     row = tl.program_id(0).to(tl.int64)
-    w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)  # word index in the slice, (T, WPT) order
     j = tl.arange(0, PW_P2)
-    i = w[:, None] * PW + j[None, :]  # flat position in the slice
-    ok = (j < PW)[None, :] & (i < T * D)
-    t = i // D
-    d = i % D
+    t = w // WPT
+    d = (w % WPT)[:, None] * PW + j[None, :]
+    ok = (j < PW)[None, :] & (d < D) & (t < T)[:, None]
+    i = t[:, None] * D + d  # flat position in the slice
     x = tl.load(x_ptr + row * T * D + i, mask=ok, other=0.0).to(tl.float32)
     if PER_CHANNEL:
-        g = row * D * NG + d * NG + t // G
+        g = row * D * NG + d * NG + t[:, None] // G
     else:
-        g = row * T * NG + t * NG + d // G
+        g = row * T * NG + t[:, None] * NG + d // G
     scale = tl.load(scale_ptr + g, mask=ok, other=1.0).to(tl.float32)
     zero = tl.load(zero_ptr + g, mask=ok, other=0.0).to(tl.float32)
     safe = tl.where(scale > 0, scale, 1.0)  # a constant group has scale 0: code 0
     code = _round_code(tl.math.div_rn(x - zero, safe), top)
     word = tl.sum(tl.where(ok, code.to(tl.int32) << (j * BITS)[None, :], 0), axis=1)
-    tl.store(codes_ptr + row * W + w, word.to(codes_ptr.dtype.element_ty), mask=w < W)
+    w_ok = w < T * WPT
+    for byte in tl.static_range(WB):
+        tl.store(codes_ptr + row * T * WPT * WB + w * WB + byte, ((word >> (8 * byte)) & 0xFF).to(tl.uint8), mask=w_ok)
     if WRITE_RES:
         res = x - (code * scale + zero)
         if HAS_EX:
@@ -188,7 +191,7 @@ def quantize_pack(
     per_channel: bool,
     want_residual: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """x (rows, T, D) float -> codes (rows, words), scale, zero, residual (rows, T, D) fp32 or None.
+    """x (rows, T, D) float -> codes (rows, T, bytes), scale, zero, residual (rows, T, D) fp32 or None.
 
     exclude (rows, T*D) uint8/bool or None: entries left out of the min/max (outliers); they
     still get a code, and a residual of 0. scale/zero: (rows, D, NG) if per_channel else
@@ -227,15 +230,16 @@ def quantize_pack(
         PER_CHANNEL=per_channel, HAS_EX=exclude is not None, BLOCK_T=block_t, BLOCK_D=block_d,
     )
     per_word = CODES_PER_WORD[bits]
-    words = packed_length(tokens * dim, bits)
-    codes = _new((rows, words), WORD_DTYPE[bits], dev)
+    words_per_token = math.ceil(dim / per_word)
+    words = tokens * words_per_token
+    codes = _new((rows, tokens, packed_length(dim, bits)), torch.uint8, dev)
     residual = _new((rows, tokens, dim), torch.float32, dev) if want_residual else None
     pw_p2 = _pow2(per_word)
     block_w = max(1, min(_pow2(words), (16384 if small else 1024) // pw_p2))
     _pack_kernel[(rows, triton.cdiv(words, block_w))](
         x, ex_arg, scale, zero, codes, residual if want_residual else scale,
-        tokens, dim, n_groups, group, words, top,
-        BITS=bits, PW=per_word, PW_P2=pw_p2, PER_CHANNEL=per_channel,
+        tokens, dim, n_groups, group, words_per_token, top,
+        BITS=bits, PW=per_word, PW_P2=pw_p2, WB=BYTES_PER_WORD[bits], PER_CHANNEL=per_channel,
         HAS_EX=exclude is not None, WRITE_RES=want_residual, BLOCK_W=block_w,
         enable_fp_fusion=False,  # code * scale + zero rounded twice, as the reference: same residual
     )

@@ -22,16 +22,16 @@ to DynamicCache.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from gear_kernels import CompressedChunk, GearConfig, decompress, resolve_kernel
+from gear_kernels import GearConfig, decompress, resolve_kernel
 from gear_kernels.dispatch import compress
+from gear_kernels.store import KVStore
 
-from .attention import PackedKV, stand_in, uses_gear_attention
+from .attention import PackedKV, hand_over, uses_gear_attention
 
 def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
     """(batch, tokens) 0/1 mask -> (batch,) count of leading pad positions; rejects other padding."""
@@ -75,10 +75,11 @@ def _position_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 class GearLayer(CacheLayerMixin):
-    """One attention layer's compressed K/V: prompt chunks, streamed chunks, exact buffer.
+    """One attention layer's compressed K/V (a gear_kernels KVStore) and its exact buffer.
 
-    Positions: the prompt occupies [0, prompt_end) and streamed chunk j (counting dropped ones)
-    [prompt_end + j * buffer_size, ...). A sliding-window layer holds from `offset()` on only.
+    Positions: the prompt occupies [0, prompt_end), streamed chunk j (counting dropped ones)
+    [prompt_end + j * buffer_size, ...), the buffer the rest. A sliding-window layer holds from
+    `offset()` on only.
     """
 
     is_compileable = False
@@ -96,11 +97,9 @@ class GearLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.pad_len: torch.Tensor | None = None  # (batch,) leading pads of the prompt being held
-        self.prompt: list[tuple[CompressedChunk, CompressedChunk] | None] = []  # per batch row
-        self.prompt_start = 0  # first prompt position held (a sliding layer keeps the last window - 1)
-        self.prompt_end = 0  # padded prompt length
-        self.chunks: list[tuple[CompressedChunk, CompressedChunk]] = []  # streamed, all rows
-        self.dropped_chunks = 0  # streamed chunks that left a sliding window
+        self.store: KVStore | None = None
+        self.decoded: tuple[torch.Tensor, torch.Tensor] | None = None  # the store rebuilt, see reconstruct()
+        self.padding_checked = False  # see packed()
         self.buffer_k: torch.Tensor | None = None  # (batch, kv_heads, n, head_dim)
         self.buffer_v: torch.Tensor | None = None
         self.is_initialized = False
@@ -143,8 +142,13 @@ class GearLayer(CacheLayerMixin):
             )
         return given
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """key/value_states (batch, kv_heads, new, head_dim) -> all keys and values to attend to."""
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, gear_layer: int | None = None,
+               **kwargs):
+        """key/value_states (batch, kv_heads, new, head_dim) -> all keys and values to attend to.
+
+        With packed attention, the store goes to lm_eval_gear.attention under this layer's index
+        (`gear_layer`, given by GearCache.update) and stand-ins come back instead.
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states, _position_ids(args, kwargs))
             self._compress_prompt(key_states, value_states)
@@ -152,33 +156,41 @@ class GearLayer(CacheLayerMixin):
         self._check_like_prompt(key_states)
         self.buffer_k = key_states if self.buffer_k is None else torch.cat([self.buffer_k, key_states], dim=-2)
         self.buffer_v = value_states if self.buffer_v is None else torch.cat([self.buffer_v, value_states], dim=-2)
-        if self.packed_attention and not self.is_sliding:
-            keys, values = stand_in(self.packed(), self.get_seq_length())
-        else:  # sliding layers: the model's sliding mask applies to the reconstruction
+        if self.reads_packed:
+            assert gear_layer is not None, "packed attention needs the layer index (GearCache.update gives it)"
+            keys, values = hand_over(gear_layer, self.packed(), self.get_seq_length())
+        else:
             keys, values = self.reconstruct()
         self._flush_full_buffer()  # after: the newest tokens are attended to exactly
         return keys, values
 
-    def _first_visible(self) -> int:
-        """The oldest position the next query can see (0 without a sliding window)."""
+    @property
+    def reads_packed(self) -> bool:
+        """Whether attention reads the store itself (lm_eval_gear.attention) rather than its
+        reconstruction; sliding layers never do: the model's sliding mask applies to them."""
+        return self.packed_attention and not self.is_sliding
+
+    def _first_visible(self, seen: int | None = None) -> int:
+        """The oldest position the next query can see, after `seen` tokens (default: all so far);
+        0 without a sliding window."""
         if self.sliding_window is None:
             return 0
-        return max(0, self.get_seq_length() - self.sliding_window + 1)
+        return max(0, (self.get_seq_length() if seen is None else seen) - self.sliding_window + 1)
 
     def _compress_prompt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.prompt_end = keys.shape[-2]
-        self.prompt_start = self._first_visible()
+        """Each row's prompt (from its first real token, or from what a window can still see) as
+        one chunk, so padding enters no statistic; the rows' chunks then go to the store."""
+        end = keys.shape[-2]
+        store = KVStore(batch=keys.shape[0], prompt_start=self._first_visible(end), prompt_end=end)
         rank = self.config.rank_prompt
+        rows_k, rows_v = [], []
         for row, pad in enumerate(self.pad_len.tolist()):
-            start = max(pad, self.prompt_start)
+            start = max(pad, store.prompt_start)
             k, v = keys[row : row + 1, :, start:], values[row : row + 1, :, start:]
-            self.prompt.append(
-                None if k.shape[-2] == 0 else (compress(k, self.config, "key", rank), compress(v, self.config, "value", rank))
-            )
-
-    def _chunk_end(self, j: int) -> int:
-        """One past the last position of streamed chunk j (counting dropped chunks)."""
-        return self.prompt_end + (j + 1) * self.config.buffer_size
+            rows_k.append(None if start == end else compress(k, self.config, "key", rank))
+            rows_v.append(None if start == end else compress(v, self.config, "value", rank))
+        self.store = store.with_prompt(rows_k, rows_v)
+        self.decoded = None if self.reads_packed else self.store.dense()
 
     def _flush_full_buffer(self) -> None:
         """Compress each full buffer_size tokens of the buffer as a chunk; drop what left the window."""
@@ -187,21 +199,31 @@ class GearLayer(CacheLayerMixin):
         while self.buffer_k.shape[-2] >= size:
             k, v = self.buffer_k[:, :, :size], self.buffer_v[:, :, :size]
             self.buffer_k, self.buffer_v = self.buffer_k[:, :, size:], self.buffer_v[:, :, size:]
-            self._evict(first)  # older tokens first: the chunk list stays in position order
-            if self._chunk_end(self.dropped_chunks + len(self.chunks)) <= first:
-                self.dropped_chunks += 1  # already out of the window: nothing will read it
+            self._evict(first)  # older tokens first: the chunks stay in position order
+            if self._chunk_end(self.store.dropped + self.store.chunks) <= first:
+                self.store = self.store.with_dropped(1)  # already out of the window: nothing will read it
                 continue
-            self.chunks.append((compress(k, self.config, "key", rank), compress(v, self.config, "value", rank)))
+            keys, values = compress(k, self.config, "key", rank), compress(v, self.config, "value", rank)
+            self.store = self.store.appended(keys, values)
+            if self.decoded is not None:  # decompress(chunk) is what the store's dense() gives for it, bitwise
+                self.decoded = _joined(self.decoded, (decompress(keys), decompress(values)))
         self._evict(first)
+
+    def _chunk_end(self, j: int) -> int:
+        """One past the last position of streamed chunk j (counting dropped chunks)."""
+        return self.store.prompt_end + (j + 1) * self.config.buffer_size
 
     def _evict(self, first_visible: int) -> None:
         """Drop the prompt, then whole chunks, once no future query can see any of their tokens."""
-        if self.prompt_start < self.prompt_end <= first_visible:
-            self.prompt = [None] * len(self.prompt)
-            self.prompt_start = self.prompt_end
-        while self.chunks and self._chunk_end(self.dropped_chunks) <= first_visible:
-            self.chunks.pop(0)
-            self.dropped_chunks += 1
+        before = self.offset()
+        if self.store.prompt_keys is not None and self.store.prompt_end <= first_visible:
+            self.store = self.store.without_prompt()
+        old = 0
+        while old < self.store.chunks and self._chunk_end(self.store.dropped + old) <= first_visible:
+            old += 1
+        self.store = self.store.without_chunks(old)
+        if self.decoded is not None and self.offset() > before:
+            self.decoded = _without_front(self.decoded, self.offset() - before)
 
     def _check_like_prompt(self, key_states: torch.Tensor) -> None:
         if key_states.dtype != self.dtype or key_states.device != self.device:
@@ -209,51 +231,49 @@ class GearLayer(CacheLayerMixin):
                 f"GearCache holds {self.dtype} on {self.device} but got {key_states.dtype} on "
                 f"{key_states.device}; keep the model on one dtype and device"
             )
-        if key_states.shape[0] != len(self.prompt):
+        if key_states.shape[0] != self.store.batch:
             raise ValueError(
-                f"GearCache holds a batch of {len(self.prompt)} but got {key_states.shape[0]}; "
+                f"GearCache holds a batch of {self.store.batch} but got {key_states.shape[0]}; "
                 "use a fresh GearCache (or cache.reset()) for each new batch of prompts"
             )
 
     def offset(self) -> int:
         """The first position held: 0, unless a sliding window has dropped older tokens."""
-        if self.prompt_start < self.prompt_end:
-            return self.prompt_start
-        return self.prompt_end + self.dropped_chunks * self.config.buffer_size
+        return self.store.offset(self.config.buffer_size)
 
     def reconstruct(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, kv_heads, held, head_dim) keys and values from offset(): decompressed chunks, then the buffer.
+        """(batch, kv_heads, held, head_dim) keys and values from offset(): the store, then the buffer.
 
-        Pad positions of the prompt come back as zeros; the attention mask hides them.
+        Pad positions of the prompt come back as zeros; the attention mask hides them. The
+        store's part is rebuilt once (at prefill) and then kept, each flushed chunk's added to it
+        and dropped tokens cut off it (the same values, bit for bit, as the store's dense()), so
+        that a decode step on the torch path costs what it costs with an exact cache;
+        memory_report() counts that working copy apart (`working_bytes`).
         """
-        ref = self.buffer_k
-        shape = (len(self.prompt), ref.shape[1], self.prompt_end - self.prompt_start, ref.shape[-1])
-        prompt_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        prompt_v = torch.zeros_like(prompt_k)
-        for row, (pad, chunk) in enumerate(zip(self.pad_len.tolist(), self.prompt)):
-            if chunk is not None:
-                start = max(pad, self.prompt_start) - self.prompt_start
-                prompt_k[row, :, start:] = decompress(chunk[0])[0]
-                prompt_v[row, :, start:] = decompress(chunk[1])[0]
-        keys = [prompt_k] + [decompress(k) for k, _ in self.chunks] + [self.buffer_k]
-        values = [prompt_v] + [decompress(v) for _, v in self.chunks] + [self.buffer_v]
-        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+        keys, values = self.decoded
+        if keys is None:
+            return self.buffer_k, self.buffer_v
+        return torch.cat([keys, self.buffer_k], dim=-2), torch.cat([values, self.buffer_v], dim=-2)
+
+    def working_bytes(self) -> int:
+        """Bytes of the torch path's rebuilt keys and values kept between steps (see reconstruct)."""
+        if self.decoded is None or self.decoded[0] is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self.decoded)
 
     def packed(self) -> PackedKV:
-        """The segments attention reads: per-row prompt chunks, streamed chunks, the buffer."""
-        prompt = [[None if p is None else p[i] for p in self.prompt] for i in (0, 1)]
-        return PackedKV(
-            key_segments=[prompt[0]] + [k for k, _ in self.chunks],
-            value_segments=[prompt[1]] + [v for _, v in self.chunks],
-            buffer_k=self.buffer_k, buffer_v=self.buffer_v, kernel=self.kernel,
-        )
+        """What attention reads: the layer's store, the exact buffer (the first time, with a
+        request to check the model's mask against the rows' padding)."""
+        check, self.padding_checked = not self.padding_checked, True
+        return PackedKV(store=self.store, buffer_k=self.buffer_k, buffer_v=self.buffer_v, kernel=self.kernel,
+                        check_padding=check)
 
     def get_seq_length(self) -> int:
         """Tokens seen (as transformers' layers count them, sliding ones included)."""
         if not self.is_initialized:
             return 0
         buffered = 0 if self.buffer_k is None else self.buffer_k.shape[-2]
-        return self.prompt_end + self.config.buffer_size * (self.dropped_chunks + len(self.chunks)) + buffered
+        return self.store.prompt_end + self.config.buffer_size * (self.store.dropped + self.store.chunks) + buffered
 
     def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
         if isinstance(query_length, torch.Tensor):  # transformers < 5.2x passes cache_position
@@ -270,17 +290,18 @@ class GearLayer(CacheLayerMixin):
         """Beam search: row i becomes the old row beam_idx[i]."""
         if not self.is_initialized:
             return
-        order = beam_idx.tolist()
-        self.prompt = [self.prompt[i] for i in order]
         self.pad_len = self.pad_len[beam_idx.cpu()]
-        self.chunks = [(k.select_rows(beam_idx), v.select_rows(beam_idx)) for k, v in self.chunks]
+        self.store = self.store.select_rows(beam_idx)
+        if self.decoded is not None and self.decoded[0] is not None:
+            index = beam_idx.to(self.device)
+            self.decoded = tuple(t.index_select(0, index) for t in self.decoded)
         if self.buffer_k is not None:
             self.buffer_k = self.buffer_k.index_select(0, beam_idx.to(self.device))
             self.buffer_v = self.buffer_v.index_select(0, beam_idx.to(self.device))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            self.reorder_cache(torch.arange(len(self.prompt)).repeat_interleave(repeats))
+            self.reorder_cache(torch.arange(self.store.batch).repeat_interleave(repeats))
         elif self.mask_pads is not None:
             self.mask_pads = self.mask_pads.repeat_interleave(repeats)
 
@@ -295,11 +316,6 @@ class GearLayer(CacheLayerMixin):
 
     def prefetch(self):
         raise NotImplementedError("GearCache does not support offloading")
-
-    def stored(self) -> list[CompressedChunk]:
-        """Every compressed chunk this layer holds."""
-        prompt = [c for pair in self.prompt if pair is not None for c in pair]
-        return prompt + [c for pair in self.chunks for c in pair]
 
     def buffer_tensors(self) -> list[torch.Tensor]:
         return [] if self.buffer_k is None else [self.buffer_k, self.buffer_v]
@@ -344,6 +360,10 @@ class GearCache(Cache):
             return layer  # method none: DynamicCache's own layers
         return self._new_layer(getattr(layer, "sliding_window", None))
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # packed attention finds the layer's store by its index (transformers' layers ignore it)
+        return super().update(key_states, value_states, layer_idx, *args, gear_layer=layer_idx, **kwargs)
+
     def reset(self, attention_mask: torch.Tensor | None = None) -> None:
         """Empty every layer for a new batch; attention_mask: that batch's prompt mask, if padded."""
         self.pad_len = _mask_pads(attention_mask)
@@ -353,7 +373,11 @@ class GearCache(Cache):
                 layer.mask_pads = self.pad_len
 
     def memory_report(self) -> dict:
-        """Bytes actually stored, per layer and in total, by component, against DynamicCache."""
+        """Bytes actually stored, per layer and in total, by component, against DynamicCache.
+
+        `working_bytes` is apart: the torch path's rebuilt keys and values, kept between decode
+        steps (a speed-up that a GPU run on the Triton path does without).
+        """
         per_layer = [_layer_report(layer) for layer in self.layers]
         total = {c: sum(r["bytes"][c] for r in per_layer) for c in COMPONENTS}
         elements = sum(r["elements"] for r in per_layer)
@@ -366,6 +390,7 @@ class GearCache(Cache):
             "elements": elements,
             "bits_per_element": 8 * stored / elements if elements else 0.0,
             "ratio": dense / stored if stored else 1.0,
+            "working_bytes": sum(r["working_bytes"] for r in per_layer),
             "per_layer": per_layer,
         }
 
@@ -379,11 +404,11 @@ def _layer_report(layer: CacheLayerMixin) -> dict:
     elements = 0
     dense = 0
     if isinstance(layer, GearLayer):
-        for chunk in layer.stored():
-            for name, size in chunk.nbytes(by_component=True).items():
-                parts["buffer" if name == "exact" else name] += size
-            elements += math.prod(chunk.shape)
-            dense += math.prod(chunk.shape) * chunk.dtype.itemsize
+        if layer.store is not None:
+            for name, size in layer.store.nbytes().items():
+                parts[name] += size
+            elements = layer.store.elements()
+            dense = elements * layer.dtype.itemsize
         exact = layer.buffer_tensors()
     else:
         exact = [t for t in (layer.keys, layer.values) if t is not None and t.numel()]
@@ -391,7 +416,22 @@ def _layer_report(layer: CacheLayerMixin) -> dict:
         parts["buffer"] += t.numel() * t.element_size()
         elements += t.numel()
         dense += t.numel() * t.element_size()
-    return {"bytes": parts, "elements": elements, "dense_bytes": dense}
+    working = layer.working_bytes() if isinstance(layer, GearLayer) else 0
+    return {"bytes": parts, "elements": elements, "dense_bytes": dense, "working_bytes": working}
+
+
+def _joined(a: tuple, b: tuple) -> tuple:
+    """Keys and values a (possibly (None, None)) followed by b, on the token axis."""
+    if a[0] is None:
+        return b
+    return torch.cat([a[0], b[0]], dim=-2), torch.cat([a[1], b[1]], dim=-2)
+
+
+def _without_front(kv: tuple, n: int) -> tuple:
+    """Keys and values without their first n tokens (copied, so that the memory is freed)."""
+    if kv[0] is None or n >= kv[0].shape[-2]:
+        return None, None
+    return kv[0][:, :, n:].clone(), kv[1][:, :, n:].clone()
 
 
 def _as_config(config: Any) -> GearConfig:

@@ -10,7 +10,7 @@ from gear_kernels import GearConfig, compress, decompress
 from lm_eval_gear import GearCache
 from lm_eval_gear.cache import GearLayer
 from lm_eval_gear.compat import cache_kwarg
-from tiny_models import ARCHITECTURES, generate, prompts, tiny_model
+from tiny_models import ARCHITECTURES, assert_same_parts, generate, prompts, tiny_model
 
 GEAR = GearConfig(method="gear", bits=2, group_size=8, buffer_size=8, rank_prompt=4, rank_chunk=2)
 
@@ -49,7 +49,7 @@ def test_every_architecture_generates_compressed(arch_model):
     gear_layers = [layer for layer in cache.layers if isinstance(layer, GearLayer)]
     assert gear_layers, "no layer was compressed"
     # 20 new tokens: the first is the prefill's own output, 19 enter the cache: 2 chunks of 8 + 3
-    assert all(len(layer.chunks) == 2 and layer.buffer_k.shape[-2] == 3 for layer in gear_layers)
+    assert all(layer.store.chunks == 2 and layer.buffer_k.shape[-2] == 3 for layer in gear_layers)
     assert len(gear_layers) == len(cache.layers), "every layer is compressed, sliding-window ones too"
     assert [layer.is_sliding for layer in cache.layers] == [t == "sliding_attention" for t in _layer_types(config)]
 
@@ -99,9 +99,10 @@ def test_padded_batch_stores_the_same_bytes():
     alone, padded = GearCache(GEAR), GearCache(GEAR, attention_mask=mask)
     alone.update(k, v, 0)
     padded.update(batch_k, batch_v, 0)
-    for mine, theirs in zip(alone.layers[0].stored(), padded.layers[0].stored()[:2]):
-        for name, tensor in mine.tensors().items():
-            assert torch.equal(tensor, theirs.tensors()[name]), name
+    mine, theirs = alone.layers[0].store, padded.layers[0].store
+    row0 = torch.tensor([0])
+    assert_same_parts(mine.prompt_keys, theirs.prompt_keys.select_rows(row0))
+    assert_same_parts(mine.prompt_values, theirs.prompt_values.select_rows(row0))
     new_k, new_v = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16)
     keys_alone, values_alone = alone.update(new_k[:1], new_v[:1], 0)
     keys, values = padded.update(new_k, new_v, 0)
@@ -138,7 +139,7 @@ def test_flush_boundaries_match_manual_compression(prompt_len, new_tokens):
     assert torch.equal(keys, expected(prompt_k, stream_k, "key"))
     assert torch.equal(values, expected(prompt_v, stream_v, "value"))
     assert layer.get_seq_length() == prompt_len + new_tokens
-    assert len(layer.chunks) == new_tokens // GEAR.buffer_size
+    assert layer.store.chunks == new_tokens // GEAR.buffer_size
 
 
 @pytest.mark.parametrize("prompt_len", [2, 8, 13])
@@ -208,7 +209,8 @@ def test_memory_report_counts_the_stored_tensors(llama):
     cache = GearCache(GearConfig(method="kivi", bits=2, group_size=8, buffer_size=8), config)
     generate(model, prompts(1, 40), cache, max_new_tokens=13)
     report = cache.memory_report()
-    stored = sum(c.nbytes() for layer in cache.layers for c in layer.stored())
+    stored = sum(part.numel() * part.element_size() for layer in cache.layers for p in layer.store.parts()
+                 for part in (p.codes, p.scale, p.zero))  # kivi: codes and scales only
     buffered = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.buffer_tensors())
     assert report["total_bytes"] == stored + buffered == sum(report["bytes"].values())
     assert report["bytes"]["buffer"] == buffered > 0

@@ -9,7 +9,7 @@ from gear_kernels import GearConfig, compress, decompress
 from lm_eval_gear import GearCache
 from lm_eval_gear.cache import GearLayer
 from lm_eval_gear.compat import cache_kwarg
-from tiny_models import generate, left_padded, prompts, tiny_model
+from tiny_models import assert_same_parts, generate, left_padded, prompts, tiny_model
 
 GEAR = GearConfig(method="gear", bits=2, group_size=8, buffer_size=8, rank_prompt=4, rank_chunk=2)
 
@@ -67,7 +67,7 @@ def test_window_bookkeeping_against_manual_compression():
     stream_k, stream_v = torch.randn(2, 2, 12, 16), torch.randn(2, 2, 12, 16)
     attended = [layer.update(stream_k[:, :, t : t + 1], stream_v[:, :, t : t + 1]) for t in range(12)]
     # seen 25: the prompt (positions 4..12) has left the window of the next query (16..25)
-    assert layer.get_seq_length() == 25 and layer.offset() == 13 and len(layer.chunks) == 1
+    assert layer.get_seq_length() == 25 and layer.offset() == 13 and layer.store.chunks == 1
 
     def rebuilt(x, stream, kind):
         prompt = decompress(compress(x[:, :, 4:], GEAR, kind, GEAR.rank_prompt))
@@ -82,7 +82,7 @@ def test_window_bookkeeping_against_manual_compression():
     # a 20-token piece (positions 25..44) fills three chunks; the next query (45) sees 36 on, so
     # the old chunk 13..20 and the new 21..28 are dropped, 29..36 and 37..44 kept
     layer.update(torch.randn(2, 2, 20, 16), torch.randn(2, 2, 20, 16))
-    assert layer.get_seq_length() == 45 and layer.dropped_chunks == 2 and len(layer.chunks) == 2
+    assert layer.get_seq_length() == 45 and layer.store.dropped == 2 and layer.store.chunks == 2
     assert layer.offset() == 29 and layer.get_mask_sizes(1) == (17, 29) and layer.buffer_k.shape[-2] == 0
 
 
@@ -115,6 +115,6 @@ def test_forced_pieces_through_a_window(window):
     for t in range(6, 14):
         one.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
     piece.update(k[:, :, 6:14], v[:, :, 6:14])  # ends on the flush at 14
-    assert (one.offset(), one.get_seq_length(), len(one.chunks)) == (piece.offset(), piece.get_seq_length(), len(piece.chunks))
-    for a, b in zip(one.stored(), piece.stored()):
-        assert all(torch.equal(x, b.tensors()[n]) for n, x in a.tensors().items())
+    assert (one.offset(), one.get_seq_length(), one.store.chunks) == (piece.offset(), piece.get_seq_length(), piece.store.chunks)
+    for a, b in zip(one.store.parts(), piece.store.parts()):
+        assert_same_parts(a, b)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from gear_kernels import CompressedChunk, GearConfig, bits_per_element, compress, decompress
 from gear_kernels.outliers import index_dtype
-from gear_kernels.packing import WORD_DTYPE, packed_length
+from gear_kernels.packing import packed_length
 from gear_kernels.quantize import levels
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -262,8 +262,10 @@ def test_nbytes_by_component_sums_the_stored_tensors(method, dtype):
         # 8192 codes at 4 a byte; 64 channels x 2 token groups x (scale, zero) x 2 bytes;
         # 2 x 82 outliers x (4-byte value + 2-byte index); (128 + 64) x rank 4 x 2 bytes
         ("gear", 2, "key", (1, 1, 128, 64), {"codes": 2048, "scales": 512, "outliers": 984, "lowrank": 1536}),
-        # 30 codes: 3 words of 10; 10 tokens x 1 channel group x 2 x 2 bytes
-        ("kivi", 3, "value", (1, 1, 10, 3), {"codes": 12, "scales": 40, "outliers": 0, "lowrank": 0}),
+        # 3 codes a token: one 3-byte word of 8 each; 10 tokens x 1 channel group x 2 x 2 bytes
+        ("kivi", 3, "value", (1, 1, 10, 3), {"codes": 30, "scales": 40, "outliers": 0, "lowrank": 0}),
+        # 64 codes a token in 8 words of 3 bytes: exactly 3 bits a code
+        ("kivi", 3, "value", (1, 1, 16, 64), {"codes": 384, "scales": 64, "outliers": 0, "lowrank": 0}),
     ],
 )
 def test_nbytes_known_figures(method, bits, kind, shape, expected):
@@ -398,8 +400,8 @@ def test_property_stored_layout(x, config, kind):
     out = decompress(chunk)
     assert out.shape == x.shape and out.dtype == x.dtype and torch.isfinite(out).all()
 
-    assert chunk.codes.shape == (batch, heads, packed_length(tokens * head_dim, config.bits))
-    assert chunk.codes.dtype == WORD_DTYPE[config.bits]
+    assert chunk.codes.shape == (batch, heads, tokens, packed_length(head_dim, config.bits))
+    assert chunk.codes.dtype == torch.uint8
     along, across = (tokens, head_dim) if chunk.per_channel else (head_dim, tokens)
     assert chunk.scale.shape == (batch, heads, across, math.ceil(along / chunk.group))
     rank = min(config.rank_prompt, tokens, head_dim) if config.uses_lowrank else 0

@@ -24,7 +24,8 @@ from gear_kernels import GearConfig, compress, decompress, resolve_kernel  # noq
 from gear_kernels import dispatch  # noqa: E402
 from gear_kernels import triton_attention as ta  # noqa: E402
 from gear_kernels import triton_quantize as tq  # noqa: E402
-from gear_kernels.attention_reference import decode_attention_torch, reconstruct  # noqa: E402
+from gear_kernels.attention_reference import decode_attention_torch  # noqa: E402
+from gear_kernels.store import KVStore  # noqa: E402
 
 # relative error (max |out - ref| / max |ref|) allowed per model dtype; bf16 also absorbs the
 # interpreter's truncating fp32 -> bf16 store (up to one bf16 ulp, 2^-7)
@@ -136,109 +137,83 @@ def test_quantize_refuses_what_the_reference_refuses():
 
 # ---------------------------------------------------------------- decode attention
 
-def segments(config, batch, heads, dim, dtype, lengths, seed, per_row=None, compressor=compress):
-    """Key and value segments: shared chunks of `lengths` tokens (the first at prompt rank),
-    preceded by a per-row prompt of per_row[b] tokens per row if given."""
-    keys, values = [], []
-    if per_row is not None:
-        rows_k, rows_v = [], []
-        for b, n in enumerate(per_row):
-            if n == 0:
-                rows_k.append(None)
-                rows_v.append(None)
-                continue
-            rows_k.append(compressor(kv(1, heads, n, dim, dtype, seed + 10 * b, "key"), config, "key"))
-            rows_v.append(compressor(kv(1, heads, n, dim, dtype, seed + 10 * b + 1, "value"), config, "value"))
-        keys.append(rows_k)
-        values.append(rows_v)
-    for i, n in enumerate(lengths):
-        rank = config.rank_prompt if i == 0 and per_row is None else config.rank_chunk
-        keys.append(compressor(kv(batch, heads, n, dim, dtype, seed + 100 + i, "key"), config, "key", rank))
-        values.append(compressor(kv(batch, heads, n, dim, dtype, seed + 200 + i, "value"), config, "value", rank))
-    return keys, values
+def make_store(config, batch, heads, dim, dtype, prompt, chunks, seed, compressor=compress):
+    """A KVStore: prompt[b] tokens of row b (0: none; None: no prompt part) compressed row by
+    row at the prompt rank, then `chunks` streamed chunks of buffer_size tokens at the chunk rank."""
+    store = KVStore(batch=batch, prompt_end=max(prompt) if prompt else 0)
+    if prompt:
+        rows_k = [compressor(kv(1, heads, n, dim, dtype, seed + 10 * b, "key"), config, "key") if n else None
+                  for b, n in enumerate(prompt)]
+        rows_v = [compressor(kv(1, heads, n, dim, dtype, seed + 10 * b + 1, "value"), config, "value") if n else None
+                  for b, n in enumerate(prompt)]
+        store = store.with_prompt(rows_k, rows_v)
+    for i in range(chunks):
+        size, rank = config.buffer_size, config.rank_chunk
+        store = store.appended(compressor(kv(batch, heads, size, dim, dtype, seed + 100 + i, "key"), config, "key", rank),
+                               compressor(kv(batch, heads, size, dim, dtype, seed + 200 + i, "value"), config, "value", rank))
+    return store
 
 
 ATTN_CASES = [
-    # method, backbone, bits, group, dim, ratio, batch, q_len, dtype, shared lengths, per-row, n_buf, pad, block_n, split
-    ("gear", "kivi", 2, 64, 128, 1, 1, 1, torch.float16, (101, 64), None, 5, False, None, None),
-    ("gear", "kivi", 2, 32, 64, 3, 3, 1, torch.bfloat16, (150,), None, 7, True, 16, 48),
-    ("gear", "flexgen", 4, 64, 128, 8, 3, 1, torch.float16, (77,), None, 3, False, 32, None),
-    ("gear-l", "kcvt", 3, 64, 64, 3, 1, 3, torch.bfloat16, (45, 64), None, 9, False, None, None),
-    ("kivi", "kivi", 8, 64, 128, 1, 3, 1, torch.float16, (90,), None, 0, True, 32, 64),
-    ("gear", "kivi", 3, 64, 128, 8, 3, 1, torch.bfloat16, (64,), (70, 0, 33), 2, False, 32, 32),
-    ("none", "kivi", 2, 64, 64, 3, 3, 2, torch.float16, (40,), None, 4, True, None, None),
-    ("gear", "kivi", 2, 64, 64, 1, 1, 1, torch.float32, (130,), None, 1, False, None, None),
-    ("gear", "kivi", 2, 16, 64, 3, 1, 1, torch.float16, (70,), None, 0, False, 32, None),
-    ("gear", "kcvt", 4, 8, 16, 3, 3, 1, torch.bfloat16, (21, 8), (5, 12, 9), 3, False, 16, 16),
+    # method, backbone, bits, group, buffer, dim, ratio, batch, q_len, dtype, prompt rows, chunks, n_buf, block_n, split
+    ("gear", "kivi", 2, 64, 64, 128, 1, 1, 1, torch.float16, (101,), 1, 5, None, None),
+    ("gear", "kivi", 2, 32, 48, 64, 3, 3, 1, torch.bfloat16, (150, 97, 3), 2, 7, 16, 48),
+    ("gear", "flexgen", 4, 64, 64, 128, 8, 3, 1, torch.float16, (77, 77, 60), 0, 3, 32, None),
+    ("gear-l", "kcvt", 3, 64, 64, 64, 3, 1, 3, torch.bfloat16, (45,), 1, 9, None, None),
+    ("kivi", "kivi", 8, 64, 32, 128, 1, 3, 1, torch.float16, (90, 12, 50), 2, 0, 32, 64),
+    ("gear", "kivi", 3, 64, 64, 128, 8, 3, 1, torch.bfloat16, (70, 0, 33), 1, 2, 32, 32),
+    ("gear", "kivi", 2, 64, 64, 64, 1, 1, 1, torch.float32, (130,), 0, 1, None, None),
+    ("gear", "kivi", 2, 16, 16, 64, 3, 1, 1, torch.float16, (70,), 3, 0, 32, None),
+    ("gear", "kcvt", 4, 8, 8, 16, 3, 3, 1, torch.bfloat16, (21, 8, 5), 2, 4, 16, 16),
+    ("gear", "kivi", 2, 64, 64, 64, 4, 2, 1, torch.float16, None, 2, 3, None, None),  # streamed chunks only
 ]
 
 
 @pytest.mark.parametrize(
-    "method,backbone,bits,group,dim,ratio,batch,q_len,dtype,lengths,per_row,n_buf,pad,block_n,split", ATTN_CASES
+    "method,backbone,bits,group,buffer,dim,ratio,batch,q_len,dtype,prompt,chunks,n_buf,block_n,split", ATTN_CASES
 )
-def test_decode_attention_matches_reference(method, backbone, bits, group, dim, ratio, batch, q_len, dtype,
-                                            lengths, per_row, n_buf, pad, block_n, split):
+def test_decode_attention_matches_reference(method, backbone, bits, group, buffer, dim, ratio, batch, q_len, dtype,
+                                            prompt, chunks, n_buf, block_n, split):
     heads = 2 if ratio < 8 else 1
     seed = bits * 7 + dim + ratio
-    config = GearConfig(method=method, backbone=backbone, bits=bits, group_size=group, rank_prompt=4, rank_chunk=2)
-    keys, values = segments(config, batch, heads, dim, dtype, lengths, seed, per_row)
+    config = GearConfig(method=method, backbone=backbone, bits=bits, group_size=group, buffer_size=buffer,
+                        rank_prompt=4, rank_chunk=2)
+    store = make_store(config, batch, heads, dim, dtype, prompt, chunks, seed)
     k_buf = kv(batch, heads, n_buf, dim, dtype, seed + 1, "key") if n_buf else None
     v_buf = kv(batch, heads, n_buf, dim, dtype, seed + 2, "value") if n_buf else None
     q = kv(batch, heads * ratio, q_len, dim, dtype, seed + 3, "value")
-    pad_len = torch.tensor([3, 0, 30][:batch]) if pad else None
     scale = dim ** -0.5
-
-    ref = decode_attention_torch(q, keys, values, k_buf, v_buf, scale, pad_len)
+    ref = decode_attention_torch(q, store, k_buf, v_buf, scale)
     out = torch.full_like(q, float("nan"))
-    ta.decode_attention_triton(q, keys, values, k_buf, v_buf, scale, pad_len, block_n=block_n, split_tokens=split,
-                               out=out)
+    ta.decode_attention_triton(q, store, k_buf, v_buf, scale, block_n=block_n, split_tokens=split, out=out)
     assert rel_err(out, ref) < TOL[dtype]
 
 
-def test_dispatch_triton_matches_torch_and_mixes_compressors():
-    """decode_attention(kernel=...) on chunks made by compress_triton, 2 and 3 shared segments."""
-    config = GearConfig(method="gear", bits=2, group_size=32, kernel="triton")
-    keys, values = segments(config, 2, 2, 64, torch.float16, (40, 32), 9, compressor=dispatch.compress)
-    assert keys[0].outlier_index is not None
+def test_dispatch_triton_matches_torch_on_a_triton_compressed_store():
+    """decode_attention(kernel=...) over chunks made by compress_triton; rows reordered (beams)."""
+    config = GearConfig(method="gear", bits=2, group_size=32, buffer_size=32, kernel="triton")
+    store = make_store(config, 2, 2, 64, torch.float16, (40, 21), 2, 9, compressor=dispatch.compress)
+    assert store.prompt_keys.outlier_values is not None and store.stream_keys.outlier_values is not None
     k_buf = kv(2, 2, 6, 64, torch.float16, 1, "key")
     v_buf = kv(2, 2, 6, 64, torch.float16, 2, "value")
     q = kv(2, 6, 1, 64, torch.float16, 3, "value")
-    ours = dispatch.decode_attention(q, keys, values, k_buf, v_buf, 0.125, kernel="triton")
-    ref = dispatch.decode_attention(q, keys, values, k_buf, v_buf, 0.125, kernel="torch")
+    ours = dispatch.decode_attention(q, store, k_buf, v_buf, 0.125, kernel="triton")
+    ref = dispatch.decode_attention(q, store, k_buf, v_buf, 0.125, kernel="torch")
     assert rel_err(ours, ref) < TOL[torch.float16]
-    # q_len larger than the buffer: the triton request falls back to torch (same function)
-    q3 = kv(2, 6, 3, 64, torch.float16, 4, "value")
-    short = dispatch.decode_attention(q3, keys, values, k_buf[:, :, :2], v_buf[:, :, :2], 0.125, kernel="triton")
-    ref3 = decode_attention_torch(q3, keys, values, k_buf[:, :, :2], v_buf[:, :, :2], 0.125)
-    assert torch.equal(short, ref3)
-
-
-def test_chunks_reused_across_steps_and_reordered_rows():
-    """A chunk's launch arguments are built once and kept: later calls (a growing buffer, as in
-    decoding) and row-reordered copies (beam search) still match the reference."""
-    config = GearConfig(method="gear", bits=2, group_size=32)
-    keys, values = segments(config, 2, 2, 64, torch.float16, (40, 32), 5)
-    q = kv(2, 4, 1, 64, torch.float16, 3, "value")
-    for n_buf in (1, 2, 3):
-        k_buf = kv(2, 2, n_buf, 64, torch.float16, 10 + n_buf, "key")
-        v_buf = kv(2, 2, n_buf, 64, torch.float16, 20 + n_buf, "value")
-        ref = decode_attention_torch(q, keys, values, k_buf, v_buf, 0.125)
-        assert rel_err(ta.decode_attention_triton(q, keys, values, k_buf, v_buf, 0.125), ref) < TOL[torch.float16]
-        assert getattr(keys[0], "_triton_args", None) is not None  # kept from the first call
-    order = torch.tensor([1, 0])
-    keys_r, values_r = [c.select_rows(order) for c in keys], [c.select_rows(order) for c in values]
-    ref = decode_attention_torch(q, keys_r, values_r, k_buf, v_buf, 0.125)
-    assert rel_err(ta.decode_attention_triton(q, keys_r, values_r, k_buf, v_buf, 0.125), ref) < TOL[torch.float16]
+    store = store.select_rows(torch.tensor([1, 1]))
+    ours = dispatch.decode_attention(q, store, k_buf, v_buf, 0.125, kernel="triton")
+    assert rel_err(ours, dispatch.decode_attention(q, store, k_buf, v_buf, 0.125, kernel="torch")) < TOL[torch.float16]
 
 
 def test_unsorted_outliers_are_refused():
-    config = GearConfig(method="gear", bits=2, group_size=32)
-    keys, values = segments(config, 1, 2, 64, torch.float16, (40,), 6)
-    shuffled = dataclasses.replace(keys[0], outlier_index=keys[0].outlier_index.long().flip(-1).contiguous(),
-                                   outlier_values=keys[0].outlier_values.flip(-1).contiguous())
+    config = GearConfig(method="gear", bits=2, group_size=32, buffer_size=32)
+    store = make_store(config, 1, 2, 64, torch.float16, None, 1, 6)
+    part = store.stream_keys
+    store = dataclasses.replace(store, stream_keys=dataclasses.replace(
+        part, outlier_index=part.outlier_index.long().flip(-1).contiguous()))
     buf = kv(1, 2, 2, 64, torch.float16, 1, "key")
     with pytest.raises(AssertionError, match="sorted ascending"):
-        ta.decode_attention_triton(kv(1, 4, 1, 64, torch.float16, 2, "value"), [shuffled], values, buf, buf, 0.125)
+        ta.decode_attention_triton(kv(1, 4, 1, 64, torch.float16, 2, "value"), store, buf, buf, 0.125)
 
 
 def test_resolve_kernel():
@@ -253,70 +228,66 @@ def test_resolve_kernel():
 
 # ---------------------------------------------------------------- the torch reference itself
 
-def naive_attention(q, keys, values, k_buf, v_buf, scale, pad_len):
-    """decompress() everything, repeat K/V per query head, one row at a time, explicit masks."""
+def naive_attention(q, store, k_buf, v_buf, scale, rows_k, rows_v, chunks_k, chunks_v):
+    """decompress() every chunk, repeat K/V per query head, one row at a time, explicit masks."""
     batch, q_heads, q_len, dim = q.shape
     outs = []
     for b in range(batch):
-        ks, vs = [], []
-        for kseg, vseg in zip(keys, values):
-            kc, vc, row = (kseg[b], vseg[b], 0) if isinstance(kseg, list) else (kseg, vseg, b)
-            if kc is not None:
-                ks.append(decompress(kc)[row].float())
-                vs.append(decompress(vc)[row].float())
-        if k_buf is not None:
-            ks.append(k_buf[b].float())
-            vs.append(v_buf[b].float())
+        ks = [decompress(rows_k[b])[0].float()] if rows_k and rows_k[b] is not None else []
+        vs = [decompress(rows_v[b])[0].float()] if rows_v and rows_v[b] is not None else []
+        ks += [decompress(c)[b].float() for c in chunks_k]
+        vs += [decompress(c)[b].float() for c in chunks_v]
+        ks.append(k_buf[b].float())
+        vs.append(v_buf[b].float())
         k, v = torch.cat(ks, 1), torch.cat(vs, 1)
         n = k.shape[1]
         ratio = q_heads // k.shape[0]
         k, v = k.repeat_interleave(ratio, 0), v.repeat_interleave(ratio, 0)
         mask = torch.ones(q_len, n, dtype=torch.bool, device=q.device).tril(n - q_len)
-        if pad_len is not None:
-            mask[:, : int(pad_len[b])] = False
         outs.append(torch.nn.functional.scaled_dot_product_attention(q[b].float(), k, v, attn_mask=mask, scale=scale))
     return torch.stack(outs)
 
 
-@pytest.mark.parametrize("per_row,pad,q_len", [(None, True, 1), ((9, 0, 20), False, 3)])
-def test_torch_reference_is_attention_over_the_decompressed_cache(per_row, pad, q_len):
-    config = GearConfig(method="gear", bits=4, group_size=8)
-    keys, values = segments(config, 3, 2, 16, torch.float32, (12, 8), 4, per_row)
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_torch_reference_is_attention_over_the_decompressed_cache(q_len):
+    config = GearConfig(method="gear", bits=4, group_size=8, buffer_size=8)
+    gen = lambda n, seed, kind: kv(1, 2, n, 16, torch.float32, seed, kind)  # noqa: E731
+    rows_k = [gen(9, 1, "key"), None, gen(20, 2, "key")]
+    rows_v = [gen(9, 3, "value"), None, gen(20, 4, "value")]
+    rows_k = [None if x is None else compress(x, config, "key") for x in rows_k]
+    rows_v = [None if x is None else compress(x, config, "value") for x in rows_v]
+    chunks_k = [compress(kv(3, 2, 8, 16, torch.float32, 10 + i, "key"), config, "key", 2) for i in range(2)]
+    chunks_v = [compress(kv(3, 2, 8, 16, torch.float32, 20 + i, "value"), config, "value", 2) for i in range(2)]
+    store = KVStore(batch=3, prompt_end=20).with_prompt(rows_k, rows_v)
+    for k, v in zip(chunks_k, chunks_v):
+        store = store.appended(k, v)
     k_buf = kv(3, 2, 4, 16, torch.float32, 1, "key")
     v_buf = kv(3, 2, 4, 16, torch.float32, 2, "value")
     q = kv(3, 6, q_len, 16, torch.float32, 3, "value")
-    pad_len = torch.tensor([2, 0, 15]) if pad else None
-    ours = decode_attention_torch(q, keys, values, k_buf, v_buf, 0.3, pad_len)
-    torch.testing.assert_close(ours, naive_attention(q, keys, values, k_buf, v_buf, 0.3, pad_len), rtol=1e-5, atol=1e-5)
-
-
-def test_reconstruct_is_decompress_before_rounding():
-    x = kv(2, 2, 33, 64, torch.float32, 8, "key")
-    chunk = compress(x, GearConfig(method="gear", bits=3), "key")
-    assert torch.equal(reconstruct(chunk), decompress(chunk))
-    half = compress(x.half(), GearConfig(method="gear", bits=3), "key")
-    torch.testing.assert_close(reconstruct(half).half(), decompress(half), rtol=1e-3, atol=1e-3)
+    ours = decode_attention_torch(q, store, k_buf, v_buf, 0.3)
+    want = naive_attention(q, store, k_buf, v_buf, 0.3, rows_k, rows_v, chunks_k, chunks_v)
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("fn", [decode_attention_torch, ta.decode_attention_triton])
 def test_bad_calls_are_refused(fn):
-    config = GearConfig(method="kivi", bits=2, group_size=8)
-    keys, values = segments(config, 2, 2, 16, torch.float16, (8,), 1)
+    config = GearConfig(method="kivi", bits=2, group_size=8, buffer_size=8)
+    store = make_store(config, 2, 2, 16, torch.float16, (8, 5), 1, 1)
     buf = kv(2, 2, 2, 16, torch.float16, 1, "key")
     q = kv(2, 4, 1, 16, torch.float16, 2, "key")
-    fn(q, keys, values, buf, buf, 0.25)  # fine
+    fn(q, store, buf, buf, 0.25)  # fine
     with pytest.raises(ValueError, match="multiple"):
-        fn(kv(2, 3, 1, 16, torch.float16, 2, "key"), keys, values, buf, buf, 0.25)
-    with pytest.raises(ValueError, match="dtype"):
-        fn(q.float(), keys, values, buf.float(), buf.float(), 0.25)
-    with pytest.raises(ValueError, match="value segments"):
-        fn(q, keys, values[:0], buf, buf, 0.25)
-    with pytest.raises(ValueError, match="does not fit batch 1"):
-        fn(q, [[keys[0], None]], [[values[0], None]], buf, buf, 0.25)  # batch-2 chunk inside a per-row list
-    with pytest.raises(ValueError, match="pad_len"):
-        row = compress(buf[:1], config, "key")
-        fn(q, [[row, row]], [[row, row]], buf, buf, 0.25, torch.tensor([1, 0]))
-    with pytest.raises(ValueError, match="fewer than"):
-        fn(kv(2, 4, 12, 16, torch.float16, 2, "key"), keys, values, buf, buf, 0.25)
-    with pytest.raises(ValueError, match="nothing to see"):
-        fn(q, keys, values, buf, buf, 0.25, torch.tensor([0, 10]))
+        fn(kv(2, 3, 1, 16, torch.float16, 2, "key"), store, buf, buf, 0.25)
+    with pytest.raises(ValueError, match="does not fit"):
+        fn(q.float(), store, buf.float(), buf.float(), 0.25)
+    with pytest.raises(ValueError, match="batch of 2"):
+        fn(q[:1], store, buf[:1], buf[:1], 0.25)
+    with pytest.raises(ValueError, match="own tokens in the buffer"):
+        fn(kv(2, 4, 3, 16, torch.float16, 2, "key"), store, buf, buf, 0.25)
+    with pytest.raises(TypeError, match="KVStore"):
+        fn(q, [store], buf, buf, 0.25)
+    with pytest.raises(ValueError, match="nothing to attend to"):
+        fn(q, None, None, None, 0.25)
+    dropped = make_store(config, 2, 2, 16, torch.float16, (8, 5), 1, 1).without_prompt()
+    with pytest.raises(ValueError, match="dropped tokens"):
+        fn(q, dropped, buf, buf, 0.25)

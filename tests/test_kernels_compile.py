@@ -29,4 +29,4 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     compiled = [line for line in run.stdout.splitlines() if line.startswith("compiled ")]
     names = {line.split()[1] for line in compiled}
-    assert {"_group_stats_kernel", "_pack_kernel", "_segment_attn_kernel", "_merge_kernel"} <= names, run.stdout
+    assert {"_group_stats_kernel", "_pack_kernel", "_attend_kernel", "_merge_kernel"} <= names, run.stdout

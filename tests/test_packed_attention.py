@@ -1,4 +1,6 @@
-"""The packed attention path (kernel=triton, here under TRITON_INTERPRET) against the torch path."""
+"""The packed attention path (kernel=triton, here under TRITON_INTERPRET) against the torch path
+and against each prompt run alone: left-padded batches of prompts of different lengths, several
+flushes, GQA 1 and 4, fp32/fp16/bf16 models, Gemma-2 style sliding layers."""
 
 from __future__ import annotations
 
@@ -6,53 +8,107 @@ import pytest
 import torch
 
 from lm_eval_gear import GearCache, GearConfig, use_gear_attention
+from lm_eval_gear.attention import gear_attention, hand_over
 from lm_eval_gear.compat import cache_kwarg
 from lm_eval_gear.forcing import forward_with_cache
-from tiny_models import VOCAB, tiny_model
+from tiny_models import VOCAB, left_padded, prompts, tiny_model
 
 SETTINGS = dict(method="gear", bits=2, group_size=8, buffer_size=8)
+FORCED = dict(SETTINGS, group_size=4, buffer_size=4)  # flushes every 4 tokens: few (slow, interpreted) steps
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-@pytest.fixture(scope="module")
-def models():
+def _pair(arch: str, dtype: torch.dtype, **overrides):
     """The same weights twice: one attends as usual (torch path), one through use_gear_attention."""
-    plain, config = tiny_model("llama")
-    packed, _ = tiny_model("llama")
+    plain, _ = tiny_model(arch, **overrides)
+    packed, _ = tiny_model(arch, **overrides)
     use_gear_attention(packed)
-    return plain, packed
+    return plain.to(dtype), packed.to(dtype)
 
 
-def generate(model, ids, mask, kernel):
-    cache = GearCache(GearConfig(**SETTINGS, kernel=kernel), model.config, mask)
-    out = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False,
-        pad_token_id=0, output_logits=True, return_dict_in_generate=True, **{cache_kwarg(model): cache},
-    )
-    return out.sequences, torch.stack(out.logits)
+def _forced(model, ids, mask, continuation, kernel):
+    """Logits (batch, steps, vocab) of a left-padded prompt batch, then `continuation` (batch,
+    steps) fed one token a step, with the position ids and mask generate() would give."""
+    cache = GearCache(GearConfig(**FORCED, kernel=kernel), model.config, mask)
+    arg = {cache_kwarg(model): cache}
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = [model(ids, attention_mask=mask, position_ids=positions, use_cache=True, **arg).logits[:, -1]]
+    for t in range(continuation.shape[1] - 1):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+        logits.append(model(continuation[:, t : t + 1], attention_mask=mask, position_ids=positions,
+                            use_cache=True, **arg).logits[:, -1])
+    return torch.stack(logits, dim=1).float()
 
 
-def test_triton_generates_what_the_torch_path_generates(models):
-    plain, packed = models
-    ids = torch.randint(1, VOCAB, (2, 13), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0  # left padding: the packed path reads row 1's prompt chunk without its pads
-    tokens, logits = generate(plain, ids, mask, "torch")
-    triton_tokens, triton_logits = generate(packed, ids, mask, "triton")
-    assert torch.equal(tokens, triton_tokens)
-    torch.testing.assert_close(triton_logits, logits, rtol=1e-4, atol=1e-4)
+CASES = [  # arch, dtype, config overrides
+    ("llama", torch.float32, {}),  # GQA 3 (6 query heads, 2 kv heads)
+    ("llama", torch.float16, dict(num_attention_heads=2, num_key_value_heads=2)),  # GQA 1
+    ("llama", torch.bfloat16, dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16, hidden_size=64)),  # GQA 4
+    ("gemma2", torch.float32, dict(sliding_window=7, attn_logit_softcapping=None)),  # sliding layers
+]
 
 
-def test_packed_scoring_pieces_match_the_torch_path(models):
+@pytest.mark.parametrize("arch,dtype,overrides", CASES, ids=lambda c: str(c))
+def test_triton_equals_torch_equals_each_prompt_alone(arch, dtype, overrides):
+    plain, packed = _pair(arch, dtype, **overrides)
+    rows = [prompts(1, n, seed=n)[0] for n in (13, 5, 22)]
+    ids, mask = left_padded(rows)
+    continuation = prompts(3, 11, seed=7)  # 10 fed tokens: two flushes of 4, then 2 in the buffer
+    torch_path = _forced(plain, ids, mask, continuation, "torch")
+    triton_path = _forced(packed, ids, mask, continuation, "triton")
+    scale = torch_path.abs().max()
+    assert (triton_path - torch_path).abs().max() <= TOL[dtype] * scale
+    for b, row in enumerate(rows):
+        alone = _forced(plain, row[None], torch.ones(1, len(row), dtype=torch.long), continuation[b : b + 1], "torch")
+        assert (alone[0] - torch_path[b]).abs().max() <= TOL[dtype] * scale, f"row {b}"
+
+
+def test_packed_scoring_pieces_match_the_torch_path():
     """Several queries at once (buffer-aligned pieces), causal inside the buffer."""
-    plain, packed = models
+    plain, packed = _pair("llama", torch.float32)
     ids = torch.randint(1, VOCAB, (1, 30), generator=torch.Generator().manual_seed(1))
     expected = forward_with_cache(plain, ids, GearCache(GearConfig(**SETTINGS, kernel="torch"), plain.config), 11)
     got = forward_with_cache(packed, ids, GearCache(GearConfig(**SETTINGS, kernel="triton"), packed.config), 11)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_triton_without_packed_attention_is_refused(models):
-    plain, _ = models
+def test_triton_without_packed_attention_is_refused():
+    plain, _ = _pair("llama", torch.float32)
     cache = GearCache(GearConfig(**SETTINGS, kernel="triton"), plain.config)
     with pytest.raises(ValueError, match="use_gear_attention"):
         plain(torch.ones(1, 5, dtype=torch.long), **{cache_kwarg(plain): cache})
+
+
+def test_a_padded_batch_the_cache_does_not_know_is_refused():
+    """A plain forward passes no position ids: a cache built without the mask compressed the pads
+    as tokens, and the packed path says so rather than attend to them."""
+    _, packed = _pair("llama", torch.float32)
+    ids, mask = left_padded([prompts(1, 9, seed=1)[0], prompts(1, 4, seed=2)[0]])
+    cache = GearCache(GearConfig(**SETTINGS, kernel="triton"), packed.config)  # no mask
+    arg = {cache_kwarg(packed): cache}
+    packed(ids, attention_mask=mask, use_cache=True, **arg)
+    step = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    with pytest.raises(ValueError, match="pads rows that the GearCache compressed"):
+        packed(prompts(2, 1, seed=3), attention_mask=step, use_cache=True, **arg)
+
+
+class _Module:
+    layer_idx = 5
+    scaling = 0.25
+
+
+def test_stand_ins_without_their_store_raise():
+    """Nothing rides on the tensors: attention finds the store by layer index or fails loudly."""
+    q = torch.randn(1, 2, 1, 16)
+    stand_in = torch.zeros(()).expand(1, 2, 7, 16)
+    with pytest.raises(RuntimeError, match="no compressed store was handed over"):
+        gear_attention(_Module(), q, stand_in, stand_in, None)
+    # a store handed over for this layer, but the model passes other K/V: refused as well
+    cache = GearCache(GearConfig(**SETTINGS))
+    cache.update(torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16), 0)
+    layer = cache.layers[0]
+    layer.buffer_k = layer.buffer_v = torch.randn(1, 2, 1, 16)
+    hand_over(5, layer.packed(), 7)
+    with pytest.raises(RuntimeError, match="handed a store of 7 tokens"):
+        gear_attention(_Module(), q, torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16), None)

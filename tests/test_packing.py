@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gear_kernels.packing import CODES_PER_WORD, WORD_DTYPE, pack, packed_length, unpack
+from gear_kernels.packing import BYTES_PER_WORD, CODES_PER_WORD, pack, packed_length, unpack
 from gear_kernels.quantize import dequantize, levels, quantize
 
 BITS = [2, 3, 4, 8]
@@ -20,29 +20,36 @@ def test_every_code_value_in_every_slot_round_trips(bits):
     top = 1 << bits
     n = math.lcm(CODES_PER_WORD[bits], top) + 1
     rows = ((torch.arange(n) + torch.arange(top)[:, None]) % top).to(torch.uint8)  # (2^bits, n)
-    words = pack(rows, bits)
-    assert words.dtype == WORD_DTYPE[bits]
-    assert words.shape == (top, packed_length(n, bits))
-    assert torch.equal(unpack(words, bits, n), rows)
+    packed = pack(rows, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (top, packed_length(n, bits))
+    assert torch.equal(unpack(packed, bits, n), rows)
 
 
-@pytest.mark.parametrize("bits, dtype, per_word", [(2, torch.uint8, 4), (3, torch.int32, 10), (4, torch.uint8, 2),
-                                                   (8, torch.uint8, 1)])
-def test_density(bits, dtype, per_word):
+@pytest.mark.parametrize("bits, per_byte", [(2, 4), (3, 8 / 3), (4, 2), (8, 1)])
+def test_density(bits, per_byte):
+    """No bit wasted when a row fills its words: 3-bit codes go 8 to 3 bytes."""
     codes = torch.zeros(2, 5, 1000, dtype=torch.uint8)
-    words = pack(codes, bits)
-    assert words.dtype == dtype and words.shape == (2, 5, -(-1000 // per_word))
+    assert pack(codes, bits).shape == (2, 5, round(1000 / per_byte))
+    assert packed_length(1001, bits) == (1000 // CODES_PER_WORD[bits] + 1) * BYTES_PER_WORD[bits]
 
 
-@pytest.mark.parametrize("bits, codes, word", [(2, [1, 2, 3, 0], 0b00111001), (4, [0xA, 0x5], 0x5A),
-                                               (3, [7] + [0] * 8 + [5], 7 | 5 << 27)])
-def test_layout_first_code_in_lowest_bits(bits, codes, word):
-    assert pack(torch.tensor(codes, dtype=torch.uint8), bits).tolist() == [word]
+@pytest.mark.parametrize("bits, codes, octets", [
+    (2, [1, 2, 3, 0], [0b00111001]), (4, [0xA, 0x5], [0x5A]),
+    # eight 3-bit codes 0..7: the 24-bit word 0o76543210, low byte first
+    (3, list(range(8)), [0o76543210 & 0xFF, (0o76543210 >> 8) & 0xFF, 0o76543210 >> 16]),
+])
+def test_layout_first_code_in_lowest_bits(bits, codes, octets):
+    assert pack(torch.tensor(codes, dtype=torch.uint8), bits).tolist() == octets
 
 
-def test_three_bit_words_never_use_the_sign_bit():
-    words = pack(torch.full((10,), 7, dtype=torch.uint8), 3)
-    assert words.item() == (1 << 30) - 1
+def test_each_row_starts_on_its_own_byte():
+    """A token's codes never share a byte with the next token's, whatever the row length."""
+    rows = torch.randint(0, 8, (3, 13), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    packed = pack(rows, 3)
+    assert packed.shape == (3, 6)  # 13 codes: two 3-byte words
+    for r in range(3):
+        assert torch.equal(pack(rows[r : r + 1], 3), packed[r : r + 1])
 
 
 @pytest.mark.parametrize("bits", BITS)

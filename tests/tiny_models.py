@@ -62,3 +62,18 @@ def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids[i, width - len(r):] = r
         mask[i, width - len(r):] = 1
     return ids, mask
+
+
+def assert_same_parts(a, b) -> None:
+    """Two store parts (gear_kernels.store) hold the same values, field by field (outlier
+    indices may be kept in a wider type when the other part has a longer row)."""
+    import dataclasses
+
+    assert type(a) is type(b)
+    for field in dataclasses.fields(a):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if isinstance(x, torch.Tensor):
+            same = torch.equal(x.long(), y.long()) if field.name == "outlier_index" else torch.equal(x, y)
+            assert same and (x.dtype == y.dtype or field.name == "outlier_index"), field.name
+        else:
+            assert x == y, field.name
