@@ -1,13 +1,13 @@
 """GearCache: a transformers Cache whose layers hold GEAR-compressed K/V.
 
-Each attention layer keeps
+Each attention layer keeps, in one packed store (gear_kernels.store.KVStore),
 - the prompt, compressed once right after prefill (prefill attention itself saw exact K/V),
-  one chunk per batch row with that row's left padding stripped, so padding enters no
-  statistic and a sequence stores the same bytes alone or inside a padded batch;
+  each batch row on its own with its left padding stripped, so padding enters no statistic and
+  a sequence stores the same bytes alone or inside a padded batch;
 - streamed chunks: every `buffer_size` generated tokens, compressed together as one chunk;
-- the buffer: the latest generated tokens, exact.
-Attention sees the reconstruction of the chunks followed by the exact buffer. It is rebuilt for
-one layer at a time, inside that layer's update, and dropped after its attention.
+and beside the store the buffer: the latest generated tokens, exact. Attention sees the
+store's tokens followed by the buffer: on the Triton path it reads the store itself
+(lm_eval_gear.attention); on the torch path the layer keeps the store's reconstruction.
 
 A row's left padding comes from the prompt's attention_mask (given to the cache, or to reset)
 or, where transformers hands the cache the position ids (generate() derives them from the
@@ -32,6 +32,7 @@ from gear_kernels.dispatch import compress
 from gear_kernels.store import KVStore
 
 from .attention import PackedKV, hand_over, uses_gear_attention
+
 
 def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
     """(batch, tokens) 0/1 mask -> (batch,) count of leading pad positions; rejects other padding."""
@@ -127,7 +128,7 @@ class GearLayer(CacheLayerMixin):
                 )
             # generate() repeats each prompt in place for beams and num_return_sequences
             given = given.repeat_interleave(batch // given.shape[0])
-        if given is not None and bool((given >= tokens).any()) and tokens > 0:
+        if given is not None and bool((given > tokens).any()):
             raise ValueError(
                 f"GearCache's attention_mask pads a row by {int(given.max())} but the prompt has {tokens} "
                 "tokens; pass the mask of the same inputs"
