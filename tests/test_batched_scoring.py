@@ -190,3 +190,16 @@ def test_method_none_is_hflm_at_any_batch_size(tiny, batch_size):
     none = GearHFLM(pretrained=tiny, device="cpu", batch_size=batch_size, max_batch_size=8, method="none")
     assert _batched(none) == _batched(hf)
     assert none.gear_summary()["memory"]["kv_caches"] == 0
+
+
+def test_auto_is_detected_once_a_rank_under_data_parallelism(tiny):
+    """auto:N would detect again at points set by the rank's number of requests; each detection is
+    a collective, and ranks without lm-eval's padding copies hold different numbers."""
+    lm = _gear(tiny, "auto:4")
+    detected = []
+    lm._detect_batch_size = lambda *args: detected.append(args) or 8
+    lm._world_size = 2  # as on a rank of two; no collective runs here
+    assert len(lm._loglikelihood_tokens(_choices(), disable_tqdm=True)) == 20
+    assert detected == [()]  # once, at the model's full length
+    lm._world_size = 1
+    assert lm.gear_summary()["memory"]["kv_caches"] == 3  # 20 requests, 8 a batch
