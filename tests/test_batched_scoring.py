@@ -28,7 +28,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from lm_eval import utils
 from lm_eval.api.instance import Instance
 
@@ -173,7 +172,7 @@ def test_a_shared_context_is_prefilled_and_compressed_once(tiny):
 
 
 def test_the_response_cache_gets_every_answer(tiny):
-    """lm-eval's cache hook gets each request's answer, as the one-at-a-time path gave it."""
+    """lm-eval's response cache gets each request's answer, in the requests' order, as before batching."""
     lm = _gear(tiny, 3)
     calls = []
     lm.cache_hook.add_partial = lambda *args: calls.append(args)
