@@ -61,6 +61,7 @@ class KVMemoryMeter:
         self.dense_bytes = 0
         self.elements = 0
         self.peak_kv_cache_bytes = 0
+        self.peak_working_bytes = 0
         self.peak_device_allocated_bytes: int | None = None
         self.by_request: dict[str, int] = {}
 
@@ -73,6 +74,7 @@ class KVMemoryMeter:
         self.dense_bytes += int(report["dense_bytes"])
         self.elements += int(report["elements"])
         self.peak_kv_cache_bytes = max(self.peak_kv_cache_bytes, int(report["total_bytes"]))
+        self.peak_working_bytes = max(self.peak_working_bytes, int(report["working_bytes"]))
 
     def note_device_peak(self, peak: int | None) -> None:
         if peak is not None:
@@ -88,6 +90,7 @@ class KVMemoryMeter:
         self.dense_bytes += other.dense_bytes
         self.elements += other.elements
         self.peak_kv_cache_bytes = max(self.peak_kv_cache_bytes, other.peak_kv_cache_bytes)
+        self.peak_working_bytes = max(self.peak_working_bytes, other.peak_working_bytes)
         self.note_device_peak(other.peak_device_allocated_bytes)
 
     def summary(self) -> dict[str, Any]:
@@ -103,6 +106,7 @@ class KVMemoryMeter:
             "dense_bits_per_element": 8 * self.dense_bytes / self.elements if self.elements else None,
             "ratio": self.dense_bytes / self.total_bytes if self.total_bytes else None,
             "peak_kv_cache_bytes": self.peak_kv_cache_bytes,
+            "peak_working_bytes": self.peak_working_bytes,
             "peak_device_allocated_bytes": self.peak_device_allocated_bytes,
         }
 
@@ -115,6 +119,10 @@ MEMORY_NOTES = {
     "ratio": "dense_bytes / total_bytes (how many times smaller than the model's own dtype)",
     "peak_kv_cache_bytes": "the largest single cache at its fullest (a generate batch at its "
     "last token, or a batch of scored requests)",
+    "peak_working_bytes": "the largest working copy beside a cache, not in total_bytes: the torch "
+    "path (CPU) keeps each layer's keys and values rebuilt from the store between decode steps, "
+    "so a step costs what it costs with an exact cache; 0 where attention reads the packed store "
+    "(Triton)",
     "peak_device_allocated_bytes": "torch.cuda.max_memory_allocated during the run (weights, "
     "activations and caches together); null on CPU",
     "response_cache": "the lm-eval response-cache file (--use_cache) of the run, or null",
@@ -435,6 +443,8 @@ def summary_line(summary: dict[str, Any]) -> str:
         return head + " | KV cache: nothing measured" + cached
     parts = ", ".join(f"{k} {_size(v)}" for k, v in mem["bytes"].items())
     peak = f"peak cache {_size(mem['peak_kv_cache_bytes'])}"
+    if mem["peak_working_bytes"]:
+        peak += f" (+ {_size(mem['peak_working_bytes'])} rebuilt for the torch path)"
     if mem["peak_device_allocated_bytes"] is not None:
         peak += f", peak device memory {_size(mem['peak_device_allocated_bytes'])}"
     return (
