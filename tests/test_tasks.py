@@ -195,32 +195,50 @@ def _bbh_examples(data_dir, subtask):
     return json.loads((data_dir / "bbh" / "tasks" / f"{subtask}.json").read_text())["examples"]
 
 
-def test_prompts_are_unchanged_copies(data_dir):
-    copies = [
-        (TASKS / "prompts", data_dir / "prompts"),
-        (TASKS / "prompts" / "bbh", data_dir / "bbh" / "cot-prompts"),
-    ]
-    pairs = [(copy / f.name, f) for copy, source in copies for f in source.glob("*.txt")]
-    assert len(pairs) == 2 + 27
-    for copy, source in pairs:
-        assert copy.read_bytes() == source.read_bytes(), copy
+def _recorded_digests() -> dict[str, str]:
+    """Reference path (as in ../shared/data) -> sha256, recorded from the reference copies."""
+    lines = (REPO / "tests" / "fixtures" / "reference_data.sha256").read_text().splitlines()
+    return {name: digest for digest, name in (line.split(maxsplit=1) for line in lines)}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_prompts_are_unchanged_copies():
+    recorded = _recorded_digests()
+    copies = {**{f"prompts/{f.name}": f for f in (TASKS / "prompts").glob("*.txt")},
+              **{f"bbh/cot-prompts/{f.name}": f for f in (TASKS / "prompts" / "bbh").glob("*.txt")}}
+    assert len(copies) == 2 + 27
+    for reference, copy in copies.items():
+        assert _sha256(copy) == recorded[reference], copy
 
 
 def _json_lines(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def test_packaged_test_sets_are_unchanged_copies(data_dir):
+def test_packaged_test_sets_are_unchanged_copies():
     packaged = TASKS / "data"
     copies = [
         "gsm8k/test.jsonl", "gsm8k/LICENSE", "aqua/test.json", "aqua/LICENSE", "bbh/LICENSE",
         *(f"bbh/tasks/{s}.json" for s in BBH_SUBTASKS),
     ]
+    recorded = _recorded_digests()
     for name in copies:
-        digest = [hashlib.sha256((root / name).read_bytes()).hexdigest() for root in (packaged, data_dir)]
-        assert digest[0] == digest[1], name
+        assert _sha256(packaged / name) == recorded[name], name
     shipped = {str(p.relative_to(packaged)) for p in packaged.rglob("*") if p.is_file()}
     assert shipped == {*copies, "README.md"}  # the test sets only, and their provenance
+
+
+def test_the_recorded_digests_are_the_reference_copies():
+    """The digests the two tests above hold the copies to are those of ../shared/data, where
+    it sits beside the clone (as in CI); a clone with nothing beside it has only the record."""
+    reference = REPO.parent / "shared" / "data"
+    if not reference.is_dir():
+        pytest.skip(f"the reference copies ({reference}) are not beside this clone")
+    for name, digest in _recorded_digests().items():
+        assert _sha256(reference / name) == digest, name
 
 
 def test_tasks_read_the_packaged_copy_by_default(monkeypatch, data_dir):
