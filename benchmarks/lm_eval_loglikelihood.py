@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from benchmarks.lm_eval_run import run_lm_eval
 
 TASK = "aqua_mc_gear"
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -49,17 +46,12 @@ def model_args(name: str, pretrained: str | None) -> tuple[str, str]:
 def run(name: str, args: argparse.Namespace, out: Path) -> dict:
     """One lm_eval run -> its per-doc loglikelihoods, accuracy, KV bits, wall and CPU time."""
     model, margs = model_args(name, args.pretrained)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [
-        sys.executable, "-m", "lm_eval", "--model", model, "--tasks", TASK, "--include_path", str(TASKS_DIR),
+    arguments = [
+        "--model", model, "--tasks", TASK, "--include_path", str(TASKS_DIR),
         "--limit", str(args.limit), "--batch_size", str(args.batch_size), "--device", "cpu",
         "--output_path", str(out / name), "--log_samples",
     ] + (["--model_args", margs] if margs else [])
-    start, cpu = time.perf_counter(), _children_cpu()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    wall, cpu = time.perf_counter() - start, _children_cpu() - cpu
-    if done.returncode:
-        sys.exit(f"{name}: lm_eval exited {done.returncode}\n{done.stderr[-3000:]}")
+    _, wall, cpu = run_lm_eval(arguments)
     results = json.loads(next((out / name).rglob("results_*.json")).read_text())
     samples = [json.loads(line) for line in next((out / name).rglob(f"samples_{TASK}_*.jsonl")).read_text().splitlines()]
     samples.sort(key=lambda s: s["doc_id"])
@@ -71,11 +63,6 @@ def run(name: str, args: argparse.Namespace, out: Path) -> dict:
         "wall": wall,
         "cpu": cpu,
     }
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def chosen(loglik: list[float]) -> int:

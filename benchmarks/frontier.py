@@ -1,0 +1,268 @@
+"""The fidelity frontier: for a memory budget, the most faithful cache config, beside the peers.
+
+    python -m benchmarks.frontier --questions 8 --tokens 64 --plot benchmarks/frontier.png
+    python -m benchmarks.frontier --pretrained PATH_OR_HUB_ID   # the same sweep on your model
+    python -m benchmarks.frontier --smoke                       # a few configs, seconds
+
+Every config runs in one process on the same prompts (GSM8K test questions behind the paper's
+8-shot prompt): the exact model prefills each prompt once and greedily generates `--tokens`
+tokens; each cache then gets the same exact prompt keys and values (compressing them as after a
+prefill) and is teacher-forced along that continuation, GEAR's in buffer-aligned pieces
+(lm_eval_gear.forcing), the peers one token at a time, as in generation. Figures, averaged over
+the prompts:
+
+- KL: mean KL(exact || cache) per forced token, nats; top-1: next-token agreement;
+- stored bits: 8 * bytes stored for the compressed part / its K and V elements, measured from
+  the stored tensors (the exact buffer, the same for every cache, is left out).
+
+The grid sweeps the project's codecs over bits, groups, ranks and outlier ratios; the peers
+are TurboQuant (fused-turboquant's TurboQuantMSE, CPU path, given GEAR's streaming buffer; see
+benchmarks/turboquant_cache.py) and transformers' QuantizedCache with quanto and HQQ. For each
+budget, the pick is the project config with the lowest KL among those storing no more than
+the budget; it is written, with the best peer under the same budget, to `--json`
+(benchmarks/frontier.json), whose `options` build the config with GearConfig.from_options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, QuantizedCache
+
+from gear_kernels import GearConfig
+from lm_eval_gear import GearCache
+from lm_eval_gear.compat import cache_kwarg
+from lm_eval_gear.fidelity import agreement, exact_run
+from lm_eval_gear.forcing import buffer_pieces
+from lm_eval_gear.tasks.gear_cot import gsm8k_prompt
+from benchmarks.fidelity import stored_bytes
+from benchmarks.smollm2 import DEFAULT_DATA_DIR, gsm8k_docs, load_smollm2
+from benchmarks.turboquant_cache import compressed_bits, turboquant_cache
+
+BUDGETS = (2.5, 3.0, 3.5, 4.5)
+BUFFER = 64  # every cache's exact window (GEAR's buffer, the peers' residual length)
+
+
+def project_grid() -> list[dict]:
+    """The project's configs, as the options a user passes (--model_args); defaults left out."""
+    grid = [{"method": "kivi", "bits": b, "group_size": g} for b in (2, 3, 4) for g in (32, 64, 128)]
+    ranks = ((1, 1), (2, 1), (4, 2))
+    grid += [{"method": "gear-l", "bits": b, "rank_prompt": p, "rank_chunk": c} for b in (2, 3) for p, c in ranks]
+    grid += [{"method": "gear", "bits": b, "outlier_ratio": s, "rank_prompt": p, "rank_chunk": c}
+             for b in (2, 3, 4) for s in (0.005, 0.01, 0.02) for p, c in ((1, 1), (4, 2))]
+    return grid
+
+
+PEERS = {f"turboquant-{b}": ("turboquant", b) for b in (2, 3, 4)}
+PEERS |= {f"{backend}-{b}": (backend, b) for backend in ("quanto", "hqq") for b in (2, 4)}
+SMOKE_GRID = [{"method": "kivi", "bits": 2}, {"method": "gear", "bits": 2, "outlier_ratio": 0.01, "rank_prompt": 1}]
+SMOKE_PEERS = ("turboquant-2", "quanto-2")
+
+
+def label(options: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in options.items())
+
+
+# ------------------------------------------------------------------ caches
+
+
+def make_cache(entry, model):
+    """A fresh cache for a grid entry (options dict) or a peer name."""
+    if isinstance(entry, dict):
+        return GearCache(GearConfig.from_options({**entry, "buffer_size": BUFFER}), model.config)
+    backend, bits = PEERS[entry]
+    if backend == "turboquant":
+        return turboquant_cache(model.config, bits, BUFFER)
+    return QuantizedCache(backend=backend, config=model.config, nbits=bits, q_group_size=64, residual_length=BUFFER)
+
+
+def bits_stored(cache, model) -> float:
+    """Stored bits per element of the compressed part of a cache (its exact buffer left out)."""
+    if isinstance(cache, GearCache):
+        report = cache.memory_report()
+        buffer_bytes = report["bytes"]["buffer"]
+        elements = report["elements"] - buffer_bytes // model.dtype.itemsize
+        return 8 * (report["total_bytes"] - buffer_bytes) / elements
+    if isinstance(cache, QuantizedCache):
+        held = sum(stored_bytes(layer._quantized_keys) + stored_bytes(layer._quantized_values) for layer in cache.layers)
+        cfg, layer = model.config, cache.layers[0]
+        quantized = layer.cumulative_length - (layer.keys.shape[-2] if layer.keys.dim() == 4 else 0)
+        elements = 2 * len(cache.layers) * cfg.num_key_value_heads * layer.keys.shape[-1] * quantized
+        return 8 * held / elements
+    return compressed_bits(cache)
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """ids (1, P) -> each layer's exact (keys, values) and the next-token logits (1, vocab)."""
+    cache = DynamicCache(config=model.config)
+    logits = model(ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache}).logits[:, -1]
+    return [(layer.keys, layer.values) for layer in cache.layers], logits.float()
+
+
+@torch.no_grad()
+def forced(model, entry, kv, first_logits: torch.Tensor, continuation: torch.Tensor):
+    """The cache's next-token logits (n, vocab) along continuation (1, n), from the exact prompt
+    keys and values `kv`, and the cache's stored bits."""
+    cache = DynamicCache(config=model.config) if entry == "exact" else make_cache(entry, model)
+    for i, (keys, values) in enumerate(kv):
+        cache.update(keys, values, i)  # as the prefill hands them over: compressed after it
+    start, stop = kv[0][0].shape[-2], kv[0][0].shape[-2] + continuation.shape[1] - 1
+    pieces = buffer_pieces(start, stop, start, BUFFER) if isinstance(cache, GearCache) else [
+        (t, t + 1) for t in range(start, stop)]
+    steps = [first_logits] + [
+        model(continuation[:, a - start : b - start], use_cache=True, **{cache_kwarg(model): cache}).logits[0].float()
+        for a, b in pieces]
+    return torch.cat(steps), None if entry == "exact" else bits_stored(cache, model)
+
+
+def sweep(model, tokenizer, docs, entries, tokens: int) -> dict[str, dict]:
+    """label -> {options or peer, kl, top1, stored_bits}, averaged over the prompts."""
+    per = {(label(e) if isinstance(e, dict) else e): [] for e in entries}
+    for i, doc in enumerate(docs):
+        ids = tokenizer(gsm8k_prompt(doc), return_tensors="pt").input_ids
+        continuation, _ = exact_run(model, ids, tokens)
+        kv, first = prefill(model, ids)
+        exact, _ = forced(model, "exact", kv, first, continuation)
+        for entry, name in zip(entries, per):
+            logits, bits = forced(model, entry, kv, first, continuation)
+            per[name].append({**agreement(exact, logits), "stored_bits": bits})
+        print(f"prompt {i + 1}/{len(docs)} ({ids.shape[1]} tokens) done", flush=True)
+    rows = {}
+    for entry, (name, runs) in zip(entries, per.items()):
+        means = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
+        rows[name] = {"options": entry, "peer": None} if isinstance(entry, dict) else {"options": None, "peer": entry}
+        rows[name] |= means
+    return rows
+
+
+# ------------------------------------------------------------------ picks and output
+
+
+def picks(rows: dict[str, dict], budgets=BUDGETS) -> list[dict]:
+    """Per budget: the project's lowest-KL config storing no more than it, and the best peer
+    (TurboQuant, quanto, HQQ) and the best plain KIVI config under the same budget."""
+    def best(names):
+        return min(names, key=lambda n: rows[n]["kl"], default=None)
+
+    out = []
+    for budget in budgets:
+        fits = [n for n, r in rows.items() if r["stored_bits"] <= budget]
+        ours = best([n for n in fits if rows[n]["options"] is not None])
+        peer = best([n for n in fits if rows[n]["peer"] is not None])
+        kivi = best([n for n in fits if (rows[n]["options"] or {}).get("method") == "kivi"])
+        entry = {"budget_bits": budget}
+        if ours is not None:
+            entry |= {"options": rows[ours]["options"], "stored_bits": rows[ours]["stored_bits"],
+                      "kl": rows[ours]["kl"], "top1": rows[ours]["top1"]}
+        for key, name in (("best_peer", peer), ("best_plain_kivi", kivi)):
+            if name is not None:
+                entry[key] = {"name": name, "stored_bits": rows[name]["stored_bits"], "kl": rows[name]["kl"]}
+        out.append(entry)
+    return out
+
+
+def table(rows: dict[str, dict]) -> str:
+    lines = ["| config | stored bits | KL (nats) | top-1 |", "|---|---:|---:|---:|"]
+    for name, r in sorted(rows.items(), key=lambda item: item[1]["stored_bits"]):
+        lines.append(f"| {name} | {r['stored_bits']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} |")
+    return "\n".join(lines)
+
+
+def picks_table(chosen: list[dict]) -> str:
+    lines = ["| budget | pick | stored bits | KL | best peer (KL) | pick / peer | best plain kivi (KL) | pick / kivi |",
+             "|---:|---|---:|---:|---|---:|---|---:|"]
+    for p in chosen:
+        if "options" not in p:
+            lines.append(f"| {p['budget_bits']} | nothing fits | | | | | | |")
+            continue
+        cells = []
+        for key in ("best_peer", "best_plain_kivi"):
+            other = p.get(key)
+            cells += ["-", "-"] if other is None else [f"{other['name']} ({other['kl']:.4f})", f"{p['kl'] / other['kl']:.2f}"]
+        lines.append(f"| {p['budget_bits']} | {label(p['options'])} | {p['stored_bits']:.2f} | {p['kl']:.4f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, dict], chosen: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    families = {"kivi": "tab:blue", "gear-l": "tab:orange", "gear": "tab:red"}
+    for name, r in rows.items():
+        if r["peer"] is not None:
+            ax.scatter(r["stored_bits"], r["kl"], marker="s", color="black")
+            ax.annotate(name, (r["stored_bits"], r["kl"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        else:
+            ax.scatter(r["stored_bits"], r["kl"], s=14, color=families[r["options"]["method"]], alpha=0.7)
+    for budget in BUDGETS:
+        ax.axvline(budget, color="gray", linestyle=":", linewidth=0.8)
+    for p in chosen:
+        if "options" in p:
+            ax.scatter(p["stored_bits"], p["kl"], s=80, facecolors="none", edgecolors="green")
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=c, label=m) for m, c in families.items()]
+    handles += [plt.Line2D([], [], marker="s", linestyle="", color="black", label="peers"),
+                plt.Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="green", label="picks")]
+    ax.legend(handles=handles, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bits per K/V element (compressed part, measured)")
+    ax.set_ylabel("teacher-forced KL(exact || cache), nats")
+    ax.set_title("KL against stored bits (lower left is better); dotted: the budgets")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def load_model(pretrained: str | None):
+    if pretrained is None:
+        return load_smollm2()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(pretrained)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pretrained", help="a model folder or hub id (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="folder laid out like ../shared/data")
+    parser.add_argument("--questions", type=int, default=8)
+    parser.add_argument("--first", type=int, default=0, help="skip this many GSM8K questions")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--plot", type=Path, help="write the KL-against-bits plot (PNG) here")
+    parser.add_argument("--json", type=Path, help="where the picks go (default benchmarks/frontier.json; none with --smoke)")
+    parser.add_argument("--smoke", action="store_true", help="two configs and two peers, on one short run")
+    args = parser.parse_args()
+    if args.smoke:
+        args.questions, args.tokens = 1, 8
+    model, tokenizer = load_model(args.pretrained)
+    docs = gsm8k_docs(args.data, args.first + args.questions)[args.first :]
+    entries = (SMOKE_GRID + list(SMOKE_PEERS)) if args.smoke else (project_grid() + list(PEERS))
+    began = time.perf_counter()
+    rows = sweep(model, tokenizer, docs, entries, args.tokens)
+    chosen = picks(rows)
+    name = args.pretrained or "SmolLM2-135M-Instruct (embedded)"
+    print(f"\n{name}, fp32, GSM8K questions {args.first + 1}-{args.first + len(docs)} (8-shot prompts), "
+          f"{args.tokens} forced tokens, buffer {BUFFER}, torch {torch.__version__}, "
+          f"{time.perf_counter() - began:.0f} s\n")
+    print(table(rows) + "\n\n" + picks_table(chosen))
+    if args.json is None and not args.smoke:
+        args.json = Path(__file__).with_name("frontier.json")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"model": name, "questions": [args.first, args.first + len(docs)],
+                                         "tokens": args.tokens, "budgets": chosen, "rows": rows}, indent=1) + "\n")
+    if args.plot:
+        plot(rows, chosen, args.plot)
+
+
+if __name__ == "__main__":
+    main()
