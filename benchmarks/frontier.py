@@ -7,9 +7,10 @@
 Every config runs in one process on the same prompts (GSM8K test questions behind the paper's
 8-shot prompt): the exact model prefills each prompt once and greedily generates `--tokens`
 tokens; each cache then gets the same exact prompt keys and values (compressing them as after a
-prefill) and is teacher-forced along that continuation, GEAR's in buffer-aligned pieces
-(lm_eval_gear.forcing), the peers one token at a time, as in generation. Figures, averaged over
-the prompts:
+prefill) and is teacher-forced along that continuation in pieces that end where its buffer
+flushes (lm_eval_gear.forcing: every cache here, the peers' residual windows included, flushes
+every BUFFER tokens after the prompt, so each token sees what it would see in generation).
+Figures, averaged over the prompts:
 
 - KL: mean KL(exact || cache) per forced token, nats; top-1: next-token agreement;
 - stored bits: 8 * bytes stored for the compressed part / its K and V elements, measured from
@@ -42,7 +43,7 @@ from lm_eval_gear.forcing import buffer_pieces
 from lm_eval_gear.tasks.gear_cot import gsm8k_prompt
 from benchmarks.fidelity import stored_bytes
 from benchmarks.smollm2 import DEFAULT_DATA_DIR, gsm8k_docs, load_smollm2
-from benchmarks.turboquant_cache import compressed_bits, turboquant_cache
+from benchmarks.turboquant_cache import compressed_bits, head_dim, turboquant_cache
 
 BUDGETS = (2.5, 3.0, 3.5, 4.5)
 BUFFER = 64  # every cache's exact window (GEAR's buffer, the peers' residual length)
@@ -92,7 +93,7 @@ def bits_stored(cache, model) -> float:
         held = sum(stored_bytes(layer._quantized_keys) + stored_bytes(layer._quantized_values) for layer in cache.layers)
         cfg, layer = model.config, cache.layers[0]
         quantized = layer.cumulative_length - (layer.keys.shape[-2] if layer.keys.dim() == 4 else 0)
-        elements = 2 * len(cache.layers) * cfg.num_key_value_heads * layer.keys.shape[-1] * quantized
+        elements = 2 * len(cache.layers) * cfg.num_key_value_heads * head_dim(cfg) * quantized
         return 8 * held / elements
     return compressed_bits(cache)
 
@@ -113,11 +114,9 @@ def forced(model, entry, kv, first_logits: torch.Tensor, continuation: torch.Ten
     for i, (keys, values) in enumerate(kv):
         cache.update(keys, values, i)  # as the prefill hands them over: compressed after it
     start, stop = kv[0][0].shape[-2], kv[0][0].shape[-2] + continuation.shape[1] - 1
-    pieces = buffer_pieces(start, stop, start, BUFFER) if isinstance(cache, GearCache) else [
-        (t, t + 1) for t in range(start, stop)]
     steps = [first_logits] + [
         model(continuation[:, a - start : b - start], use_cache=True, **{cache_kwarg(model): cache}).logits[0].float()
-        for a, b in pieces]
+        for a, b in buffer_pieces(start, stop, start, BUFFER)]
     return torch.cat(steps), None if entry == "exact" else bits_stored(cache, model)
 
 

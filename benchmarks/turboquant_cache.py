@@ -45,12 +45,15 @@ class TurboQuantLayer(DynamicLayer):
         self.buffered = 0
 
 
+def head_dim(model_config) -> int:
+    return getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+
+
 def turboquant_cache(model_config, bits: int, buffer_size: int = 64, seed: int = 42) -> DynamicCache:
     """A DynamicCache whose layers are TurboQuantLayers (one seeded rotation for the model)."""
     from fused_turboquant.core.quantizer import TurboQuantMSE
 
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    quantizer = TurboQuantMSE(head_dim=head_dim, bits=bits, seed=seed, device="cpu")
+    quantizer = TurboQuantMSE(head_dim=head_dim(model_config), bits=bits, seed=seed, device="cpu")
     cache = DynamicCache(config=model_config)
     cache.layers = [TurboQuantLayer(quantizer, buffer_size) for _ in cache.layers]
     return cache

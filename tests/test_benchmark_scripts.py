@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,3 +39,28 @@ def test_frontier_smoke(tmp_path):
         if "options" in budget:
             assert budget["stored_bits"] <= budget["budget_bits"]
             GearConfig.from_options(budget["options"])
+
+
+@pytest.mark.parametrize("entry", ["turboquant-2", "quanto-2", {"method": "gear", "bits": 2}])
+def test_frontier_feeds_each_cache_as_generation_does(monkeypatch, entry):
+    """The frontier forces every cache in pieces that end on its flushes: the same logits, to
+    float rounding, as feeding the continuation one token at a time (a tiny random Llama)."""
+    from lm_eval_gear.compat import cache_kwarg
+    from tiny_models import tiny_model
+
+    sys.path.insert(0, str(ROOT))
+    import benchmarks.frontier as frontier
+
+    monkeypatch.setattr(frontier, "BUFFER", 8)
+    model, _ = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    ids, continuation = torch.randint(1, 100, (1, 32), generator=g), torch.randint(1, 100, (1, 21), generator=g)
+    kv, first = frontier.prefill(model, ids)
+    pieces, bits = frontier.forced(model, entry, kv, first, continuation)
+    cache = frontier.make_cache(entry, model)
+    for i, (keys, values) in enumerate(kv):
+        cache.update(keys, values, i)
+    steps = [first] + [model(continuation[:, t : t + 1], use_cache=True, **{cache_kwarg(model): cache}).logits[0]
+                       for t in range(continuation.shape[1] - 1)]
+    torch.testing.assert_close(pieces, torch.cat(steps).float(), atol=1e-4, rtol=1e-4)
+    assert 2 < bits < 16  # stored bits of the compressed part (head_dim 16 makes the overheads large)
