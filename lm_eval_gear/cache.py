@@ -183,7 +183,7 @@ class GearLayer(CacheLayerMixin):
         one chunk, so padding enters no statistic; the rows' chunks then go to the store."""
         end = keys.shape[-2]
         store = KVStore(batch=keys.shape[0], prompt_start=self._first_visible(end), prompt_end=end)
-        rank = self.config.rank_prompt
+        rank = self.config.rank(prompt=True)
         rows_k, rows_v = [], []
         for row, pad in enumerate(self.pad_len.tolist()):
             start = max(pad, store.prompt_start)
@@ -195,7 +195,7 @@ class GearLayer(CacheLayerMixin):
 
     def _flush_full_buffer(self) -> None:
         """Compress each full buffer_size tokens of the buffer as a chunk; drop what left the window."""
-        size, rank = self.config.buffer_size, self.config.rank_chunk
+        size, rank = self.config.buffer_size, self.config.rank(prompt=False)
         first = self._first_visible()  # flushing moves tokens, it does not add any
         while self.buffer_k.shape[-2] >= size:
             k, v = self.buffer_k[:, :, :size], self.buffer_v[:, :, :size]

@@ -32,7 +32,7 @@ PEER_NAMES: dict[str, tuple[str, ...]] = {
 }
 # Words of GEAR option names that no HFLM, from_pretrained or common model-config argument is
 # made of: a key holding one of them (or a same-length typo of one) is a GEAR option misspelt.
-GEAR_WORDS = ("method", "bits", "outlier", "rank", "buffer")
+GEAR_WORDS = ("method", "bits", "outlier", "rank", "lowrank", "buffer")
 
 
 @lru_cache(maxsize=1)
