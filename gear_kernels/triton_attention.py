@@ -15,6 +15,9 @@ Two launches a call, whatever the batch, its padding and the number of chunks he
    held transposed (tokens or channels x query rows) so that the tensor-core M dimension is the
    tile's tokens or channels, which the warps split, not 16 padded query rows every warp holds.
    Per compressed slice (a row's prompt, or one chunk of a row), tile by tile (`_attend_slice`):
+   - keys and values each have their own code width (K_BITS / V_BITS, K_W / V_W bytes a
+     token: key_bits and value_bits); int8 low-rank factors (LR_Q) are scaled by their column
+     scales as they are loaded, so everything below reads fp32 factors either way;
    - dequantize the K tile (`_dequant_tile`): whole bytes are loaded and split into codes in
      registers; scales and zeros are one vector a tile when the tile lies in one per-channel
      group (kivi keys), one value a byte for per-token groups; 3-bit codes (8 to 3 bytes) and
