@@ -27,6 +27,7 @@ OPTIONS = GEAR_OPTIONS + RUN_OPTIONS
 # GEAR reference code); a user coming from one of them types these.
 PEER_NAMES: dict[str, tuple[str, ...]] = {
     "nbits": ("bits",), "quant_bits": ("bits",), "quantize_bit": ("bits",), "kv_bits": ("bits",),
+    "k_bits": ("key_bits",), "v_bits": ("value_bits",),
     "q_group_size": ("group_size",), "residual_length": ("buffer_size",), "streaming_gap": ("buffer_size",),
     "rank": ("rank_prompt", "rank_chunk"), "left": ("outlier_ratio",), "loop": ("power_iters",),
 }

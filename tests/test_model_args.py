@@ -83,6 +83,8 @@ def test_bad_values_name_the_option_and_the_choices(args, message):
     ("rank", ["rank_prompt", "rank_chunk"]), ("gear_rank", ["rank_prompt", "rank_chunk"]),
     ("rnak", ["rank_prompt", "rank_chunk"]), ("residual_length", ["buffer_size"]), ("quant_bits", ["bits"]),
     ("nbits", ["bits"]), ("q_group_size", ["group_size"]), ("keep_outlier", ["outlier_ratio", "outlier_dtype"]),
+    ("k_bits", ["key_bits"]), ("v_bits", ["value_bits"]), ("lowrank", ["lowrank_dtype"]),
+    ("outlier", ["outlier_ratio", "outlier_dtype"]),
 ])
 def test_misspelt_gear_options_are_refused(key, hints):
     with pytest.raises(GearConfigError) as err:
