@@ -20,17 +20,21 @@ def test_defaults_are_the_papers():
     assert (config.power_iters, config.buffer_size) == (3, 64)
 
 
-@pytest.mark.parametrize(
-    "method, outliers, lowrank, compresses",
-    [
-        ("none", False, False, False),
-        ("kivi", False, False, True),
-        ("gear-l", False, True, True),
-        ("gear", True, True, True),
-    ],
-)
-def test_method_selects_components(method, outliers, lowrank, compresses):
-    assert method in METHODS
+COMPONENTS = {  # method: (outliers, low rank, compresses)
+    "none": (False, False, False),
+    "kivi": (False, False, True),
+    "gear-l": (False, True, True),
+    "gear": (True, True, True),
+}
+
+
+def test_registry_holds_the_paper_methods_in_order():
+    assert METHODS == tuple(COMPONENTS) == ("none", "kivi", "gear-l", "gear")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_selects_components(method):
+    outliers, lowrank, compresses = COMPONENTS[method]
     config = GearConfig(method=method)
     assert (config.uses_outliers, config.uses_lowrank, config.compresses) == (outliers, lowrank, compresses)
 
