@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from .base import BITS, CodecParams, register
 
 BACKBONES = ("kivi", "kcvt", "flexgen")
+ROTATIONS = ("none", "hadamard")
 
 
 @register("kivi")
@@ -16,6 +17,8 @@ class KiviParams(CodecParams):
     (None: bits; after construction they hold the width used).
     backbone: how quantization groups are formed (kivi, kcvt, flexgen; chunk.grouping).
     group_size: tokens (per-channel groups) or channels (per-token groups) a group.
+    rotation: hadamard rotates every K and V vector by a seeded randomized Walsh-Hadamard
+    matrix before it is compressed (gear_kernels.rotation; attention is unchanged); none.
     """
 
     bits: int = 2
@@ -23,6 +26,7 @@ class KiviParams(CodecParams):
     group_size: int = 64
     key_bits: int | None = None
     value_bits: int | None = None
+    rotation: str = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -32,6 +36,7 @@ class KiviParams(CodecParams):
                 object.__setattr__(self, field, self.bits)  # frozen: set once, here
             self.check_choice(field, BITS)
         self.check_choice("backbone", BACKBONES)
+        self.check_choice("rotation", ROTATIONS)
         self.check_int("group_size", 1)
 
     def bits_for(self, kind: str) -> int:
