@@ -76,8 +76,8 @@ def main() -> None:
         for s in range(0, streamed, size):  # fill the layer chunk by chunk, as generation does
             layer.update(stream_k[:, :, s : s + size], stream_v[:, :, s : s + size])
         # the same chunks as objects, for the reference
-        chunks = [(compress(stream_k[:, :, s : s + size], config, "key", config.rank_chunk),
-                   compress(stream_v[:, :, s : s + size], config, "value", config.rank_chunk))
+        chunks = [(compress(stream_k[:, :, s : s + size], config, "key", config.rank(prompt=False)),
+                   compress(stream_v[:, :, s : s + size], config, "value", config.rank(prompt=False)))
                   for s in range(0, streamed, size)]
         prompt_kv = layer.store.prompt_keys.dense(0, prompt), layer.store.prompt_values.dense(0, prompt)
 

@@ -229,8 +229,8 @@ def make_store(config, batch, heads, dim, dtype, prompt, n_chunks, seed):
     rows = [(compress(randn_kv(1, heads, n, dim, dtype, seed + b, "key"), config, "key"),
              compress(randn_kv(1, heads, n, dim, dtype, seed + 50 + b, "value"), config, "value")) for b, n in enumerate(prompt)]
     size = config.buffer_size
-    chunks = [(compress(randn_kv(batch, heads, size, dim, dtype, seed + 100 + i, "key"), config, "key", config.rank_chunk),
-               compress(randn_kv(batch, heads, size, dim, dtype, seed + 200 + i, "value"), config, "value", config.rank_chunk))
+    chunks = [(compress(randn_kv(batch, heads, size, dim, dtype, seed + 100 + i, "key"), config, "key", config.rank(prompt=False)),
+               compress(randn_kv(batch, heads, size, dim, dtype, seed + 200 + i, "value"), config, "value", config.rank(prompt=False)))
               for i in range(n_chunks)]
     return prompt_store([k for k, _ in rows], [v for _, v in rows], prompt, chunks)
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass, fields
 import torch
 
 from .config import GearConfig
-from .lowrank import power_iteration
+from .lowrank import factor, power_iteration, quantize_factor
 from .outliers import index_dtype, select_outliers
 from .packing import pack, unpack
-from .quantize import dequantize, quantize
+from .quantize import FP16_MAX, dequantize, quantize
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KINDS = ("key", "value")
@@ -38,10 +38,12 @@ class CompressedChunk:
     codes: (batch, heads, tokens, bytes) uint8, each token's head_dim codes packed (packing.py).
     scale, zero: fp16, (batch, heads, head_dim, n_groups) when per_channel (groups along
     tokens) else (batch, heads, tokens, n_groups).
-    outlier_values (batch, heads, n) in the input dtype; outlier_index (batch, heads, n) flat
-    positions in the (tokens, head_dim) slice.
-    lowrank_a (batch, heads, tokens, r) and lowrank_b (batch, heads, head_dim, r), fp16.
-    exact: the input itself, for method none.
+    outlier_values (batch, heads, n) in the input dtype (or fp16, outlier_dtype=fp16);
+    outlier_index (batch, heads, n) flat positions in the (tokens, head_dim) slice.
+    lowrank_a (batch, heads, tokens, r) and lowrank_b (batch, heads, head_dim, r), fp16, or int8
+    (lowrank_dtype=int8) with lowrank_a_scale and lowrank_b_scale (batch, heads, 1, r) fp16, one
+    per column (lowrank.quantize_factor).
+    exact: the input itself, for method none (bits, per_channel and group are then 0, False, 0).
     """
 
     shape: tuple[int, int, int, int]
@@ -56,13 +58,15 @@ class CompressedChunk:
     outlier_index: torch.Tensor | None = None
     lowrank_a: torch.Tensor | None = None
     lowrank_b: torch.Tensor | None = None
+    lowrank_a_scale: torch.Tensor | None = None
+    lowrank_b_scale: torch.Tensor | None = None
     exact: torch.Tensor | None = None
 
     COMPONENTS = {
         "codes": ("codes",),
         "scales": ("scale", "zero"),
         "outliers": ("outlier_values", "outlier_index"),
-        "lowrank": ("lowrank_a", "lowrank_b"),
+        "lowrank": ("lowrank_a", "lowrank_b", "lowrank_a_scale", "lowrank_b_scale"),
         "exact": ("exact",),
     }
 
@@ -131,10 +135,12 @@ def compress(
     """
     _check_input(x, kind)
     batch, heads, tokens, head_dim = x.shape
-    per_channel, group = grouping(kind, config.backbone, config.group_size, tokens, head_dim)
-    meta = dict(shape=tuple(x.shape), dtype=x.dtype, bits=config.bits, per_channel=per_channel, group=group)
     if not config.compresses:
-        return CompressedChunk(**meta, exact=x.clone())
+        return CompressedChunk(tuple(x.shape), x.dtype, 0, False, 0, exact=x.clone())
+    codec = config.codec
+    bits = codec.bits_for(kind)
+    per_channel, group = grouping(kind, codec.backbone, codec.group_size, tokens, head_dim)
+    meta = dict(shape=tuple(x.shape), dtype=x.dtype, bits=bits, per_channel=per_channel, group=group)
     bad = (~torch.isfinite(x)).sum().item()
     if bad:
         raise ValueError(
@@ -142,29 +148,48 @@ def compress(
             "non-finite input (it would poison its neighbours); run the model in a wider dtype "
             "(bfloat16 or float32) or use method=none"
         )
-    r = config.rank_prompt if rank is None else rank
+    r = config.rank(prompt=True) if rank is None else rank
     if r < 0:
         raise ValueError(f"rank={r} is invalid: allowed an integer >= 0")
     xs = x.reshape(batch * heads, tokens, head_dim).contiguous()  # one row per (batch, head) slice
     parts: dict[str, torch.Tensor] = {}
 
     exclude = None
-    if config.uses_outliers:
+    if codec.uses_outliers:
         flat = xs.reshape(batch * heads, -1)
-        index = select_outliers(flat.float(), config.outlier_ratio)  # (rows, 2k), ascending
+        index = select_outliers(flat.float(), codec.outlier_ratio)  # (rows, 2k), ascending
         exclude = torch.zeros(flat.shape, dtype=torch.bool, device=x.device).scatter_(-1, index, True)
-        parts["outlier_values"] = flat.gather(-1, index).reshape(batch, heads, -1)
+        values = flat.gather(-1, index)
+        if codec.outlier_dtype == "fp16":
+            values = _to_fp16(values, kind)
+        parts["outlier_values"] = values.reshape(batch, heads, -1)
         parts["outlier_index"] = index.to(index_dtype(tokens * head_dim)).reshape(batch, heads, -1)
 
-    want_lowrank = config.uses_lowrank and r > 0
-    codes, scale, zero, residual = quantize_pack(xs, exclude, config.bits, group, per_channel, want_lowrank)
+    want_lowrank = codec.uses_lowrank and r > 0
+    codes, scale, zero, residual = quantize_pack(xs, exclude, bits, group, per_channel, want_lowrank)
     parts.update(codes=codes.reshape(batch, heads, tokens, -1), scale=scale.reshape(batch, heads, *scale.shape[1:]),
                  zero=zero.reshape(batch, heads, *zero.shape[1:]))
     if want_lowrank:
-        a, b = power_iteration(residual, r, config.power_iters, config.seed)
-        parts["lowrank_a"] = a.to(torch.float16).reshape(batch, heads, tokens, -1)
-        parts["lowrank_b"] = b.to(torch.float16).reshape(batch, heads, head_dim, -1)
+        a, b = power_iteration(residual, r, codec.power_iters, config.seed)
+        for name, f, length in (("lowrank_a", a, tokens), ("lowrank_b", b, head_dim)):
+            if codec.lowrank_dtype == "int8":
+                f, f_scale = quantize_factor(f)
+                parts[f"{name}_scale"] = f_scale.reshape(batch, heads, 1, -1)
+            parts[name] = f.to(torch.float16 if codec.lowrank_dtype == "fp16" else torch.int8).reshape(
+                batch, heads, length, -1)
     return CompressedChunk(**meta, **parts)
+
+
+def _to_fp16(values: torch.Tensor, kind: str) -> torch.Tensor:
+    """Outlier values -> fp16, refusing any beyond its range (the cast would make them inf)."""
+    beyond = values.abs() > FP16_MAX
+    if bool(beyond.any()):
+        raise ValueError(
+            f"{int(beyond.sum())} {kind} outliers beyond the fp16 range (largest |x| "
+            f"{values.abs().max().item():.6g} > {FP16_MAX:.0f}) cannot be stored with outlier_dtype=fp16; "
+            "use outlier_dtype=model"
+        )
+    return values.to(torch.float16)
 
 
 def decompress(chunk: CompressedChunk) -> torch.Tensor:
@@ -176,14 +201,15 @@ def decompress(chunk: CompressedChunk) -> torch.Tensor:
     out = _from_groups(dequantize(_to_groups(codes, chunk.per_channel), chunk.scale, chunk.zero, chunk.group),
                        chunk.per_channel)
     if chunk.lowrank_a is not None:
-        out = out + lowrank_product(chunk.lowrank_a, chunk.lowrank_b)
+        out = out + lowrank_product(factor(chunk.lowrank_a, chunk.lowrank_a_scale),
+                                    factor(chunk.lowrank_b, chunk.lowrank_b_scale))
     # The scale is rounded up, so the top code of a group reaching the dtype's maximum lands a
     # little beyond it: clamp, or the cast makes it inf.
     finite = torch.finfo(chunk.dtype).max
     flat = out.clamp(-finite, finite).to(chunk.dtype).reshape(batch, heads, -1)
     if chunk.outlier_values is not None:
         # Not in place: per-channel groups leave `out` transposed, so `flat` may be a copy.
-        flat = flat.scatter(-1, chunk.outlier_index.long(), chunk.outlier_values)
+        flat = flat.scatter(-1, chunk.outlier_index.long(), chunk.outlier_values.to(chunk.dtype))
     return flat.reshape(chunk.shape)
 
 

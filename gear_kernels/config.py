@@ -1,115 +1,123 @@
 """GearConfig: the one frozen description of how a KV cache is compressed.
 
-Validated once, on construction; everything downstream trusts it.
+It names the codec (`method`, one of codecs.METHODS) and holds the codec's own parameters
+(`codec`, validated by the codec itself) beside the settings every codec shares. Validated once,
+on construction; everything downstream trusts it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-METHODS = ("none", "kivi", "gear-l", "gear")
-BITS = (2, 3, 4, 8)
-BACKBONES = ("kivi", "kcvt", "flexgen")
+from .codecs import CODECS, METHODS, CodecParams, GearConfigError
+from .codecs.base import check_choice, check_int, fail
+
 KERNELS = ("auto", "triton", "torch")
+SHARED = {"buffer_size": "int", "seed": "int", "kernel": "str"}  # options of every method, and their types
+
+__all__ = ["GearConfig", "GearConfigError", "KERNELS", "METHODS"]
 
 
-class GearConfigError(ValueError):
-    """A GearConfig field has a value outside what is allowed."""
-
-
-def _fail(field: str, value: Any, allowed: str) -> None:
-    raise GearConfigError(f"GearConfig.{field}={value!r} is invalid: allowed {allowed}")
-
-
-def _check_int(field: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        _fail(field, value, f"an integer >= {low}")
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class GearConfig:
     """How to compress a KV cache (DESIGN.md section 2; paper semantics are the defaults).
 
-    method: none (exact), kivi (quantization only), gear-l (+ low-rank), gear (+ outliers).
-    backbone: how quantization groups are formed (kivi, kcvt, flexgen).
-    outlier_ratio: fraction s of a chunk's entries kept exactly (s/2 largest, s/2 smallest).
-    rank_prompt / rank_chunk: low-rank rank for the prompt and for each streamed chunk.
+    GearConfig(method="gear", bits=2, ...): the method's own options (codecs/<method>.py) go to
+    its parameters, `codec`; an option the method does not use is refused (GearConfigError).
+    The codec's parameters read through: config.bits is config.codec.bits.
     buffer_size: generated tokens kept exact before they are compressed as one chunk.
+    seed: start of every seeded computation (the power iteration).
     kernel: auto (triton on CUDA, torch elsewhere), triton or torch.
     """
 
-    method: str = "gear"
-    bits: int = 2
-    backbone: str = "kivi"
-    group_size: int = 64
-    outlier_ratio: float = 0.02
-    rank_prompt: int = 4
-    rank_chunk: int = 2
-    power_iters: int = 3
-    buffer_size: int = 64
-    seed: int = 0
-    kernel: str = "auto"
+    method: str
+    codec: CodecParams
+    buffer_size: int
+    seed: int
+    kernel: str
 
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            _fail("method", self.method, f"one of {', '.join(METHODS)}")
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in BITS:
-            _fail("bits", self.bits, f"one of {', '.join(map(str, BITS))}")
-        if self.backbone not in BACKBONES:
-            _fail("backbone", self.backbone, f"one of {', '.join(BACKBONES)}")
-        if self.kernel not in KERNELS:
-            _fail("kernel", self.kernel, f"one of {', '.join(KERNELS)}")
-        _check_int("group_size", self.group_size, 1)
-        _check_int("rank_prompt", self.rank_prompt, 0)
-        _check_int("rank_chunk", self.rank_chunk, 0)
-        _check_int("power_iters", self.power_iters, 1)
-        _check_int("buffer_size", self.buffer_size, 1)
-        _check_int("seed", self.seed, 0)
-        ratio = self.outlier_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-            _fail("outlier_ratio", ratio, "a number in [0, 1)")
+    def __init__(self, method: str = "gear", *, buffer_size: int = 64, seed: int = 0, kernel: str = "auto",
+                 **options: Any) -> None:
+        check_choice("method", method, METHODS)
+        check_choice("kernel", kernel, KERNELS)
+        check_int("buffer_size", buffer_size, 1)
+        check_int("seed", seed, 0)
+        params = CODECS[method]
+        unused = [key for key in options if key not in params.options()]
+        if unused:
+            if unused[0] not in option_types():
+                raise GearConfigError(
+                    f"unknown GEAR option {unused[0]!r}: valid options are {', '.join(self.field_names())}"
+                )
+            takes = ", ".join([*params.options(), *SHARED])
+            raise GearConfigError(f"method {method!r} does not use {unused[0]}; it takes {takes}")
+        for name, value in (("method", method), ("codec", params(**options)), ("buffer_size", buffer_size),
+                            ("seed", seed), ("kernel", kernel)):
+            object.__setattr__(self, name, value)  # frozen: set once, here
+
+    def __getattr__(self, name: str) -> Any:
+        """The codec's parameters (config.bits); called only for names GearConfig lacks."""
+        codec = self.__dict__.get("codec")
+        if codec is None:  # not built yet (unpickling, or a failed __init__)
+            raise AttributeError(name)
+        if name not in codec.options():
+            raise AttributeError(f"GearConfig (method {self.method!r}) has no option {name!r}")
+        return getattr(codec, name)
 
     @property
     def uses_outliers(self) -> bool:
-        return self.method == "gear" and self.outlier_ratio > 0
+        return self.codec.uses_outliers
 
     @property
     def uses_lowrank(self) -> bool:
-        return self.method in ("gear", "gear-l")
+        return self.codec.uses_lowrank
 
     @property
     def compresses(self) -> bool:
-        return self.method != "none"
+        return self.codec.compresses
+
+    def rank(self, prompt: bool) -> int:
+        """Low-rank rank of the prompt (prompt=True) or of each streamed chunk; 0 for none."""
+        return self.codec.rank(prompt)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """{"method": ..., the codec's options..., the shared ones}: what from_options takes back."""
+        return {"method": self.method, **asdict(self.codec), **{k: getattr(self, k) for k in SHARED}}
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
+        """Every option name: method, those of every codec (in registration order), the shared ones."""
+        return ("method", *option_types(), *SHARED)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "GearConfig":
         """Build from loosely typed options (strings from a command line, or numbers).
 
-        Unknown keys and unparsable values raise GearConfigError naming the key.
+        Unknown keys, options the method does not use and unparsable values raise
+        GearConfigError naming the key. Only the options given are checked: defaults never are.
         """
-        known = {f.name: f.type for f in dataclasses.fields(cls)}
+        known = {"method": "str", **option_types(), **SHARED}
         kwargs: dict[str, Any] = {}
         for key, raw in options.items():
             if key not in known:
-                raise GearConfigError(
-                    f"unknown GEAR option {key!r}: valid options are {', '.join(known)}"
-                )
+                raise GearConfigError(f"unknown GEAR option {key!r}: valid options are {', '.join(known)}")
             kwargs[key] = _coerce(key, raw, known[key])
         return cls(**kwargs)
 
 
+def option_types() -> dict[str, str]:
+    """Every codec option -> its type, in registration order (the codecs agree on shared names)."""
+    types: dict[str, str] = {}
+    for params in CODECS.values():
+        types.update(params.option_types())
+    return types
+
+
 def _coerce(key: str, raw: Any, type_name: str) -> Any:
-    """A command-line value -> the field's type. lm-eval hands numbers over already parsed, and
+    """A command-line value -> the option's type. lm-eval hands numbers over already parsed, and
     reads `2.0` or ` 2` as the float 2.0: an integral float is the integer it names."""
+    type_name = type_name.removesuffix(" | None")
     if type_name == "int" and isinstance(raw, float) and raw.is_integer():
         return int(raw)
     if not isinstance(raw, str):
@@ -124,5 +132,5 @@ def _coerce(key: str, raw: Any, type_name: str) -> Any:
         if type_name == "float":
             return float(text)
     except ValueError:
-        _fail(key, raw, f"a value of type {type_name}")
+        fail(key, raw, f"a value of type {type_name}")
     return text.lower()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from .quantize import round_fp16
 
 
 def power_iteration(
@@ -26,3 +30,20 @@ def power_iteration(
     sigma = b.norm(dim=-2, keepdim=True)  # (rows, 1, r)
     root = sigma.sqrt()
     return a * root, b / torch.where(root > 0, root, 1.0)
+
+
+def quantize_factor(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A factor (..., n, r) fp32 -> int8 codes (..., n, r) and one fp16 scale per column (..., 1, r).
+
+    Symmetric: code = round(f / scale) in [-127, 127], scale = max |column| / 127 rounded up to
+    fp16, so no code clips. A zero column gets scale 0 and codes 0.
+    """
+    assert f.dtype == torch.float32, "factors are quantized from fp32"
+    scale = round_fp16(f.abs().amax(dim=-2, keepdim=True) / torch.full_like(f[..., :1, :], 127.0), math.inf)
+    safe = torch.where(scale > 0, scale.float(), 1.0)
+    return (f / safe).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def factor(codes: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A stored factor as fp32: fp16 as it is, int8 codes times their column's scale."""
+    return codes.float() if scale is None else codes.float() * scale.float()

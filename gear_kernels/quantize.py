@@ -20,7 +20,7 @@ def levels(bits: int) -> int:
     return (1 << bits) - 1
 
 
-def _round_fp16(x: torch.Tensor, toward: float) -> torch.Tensor:
+def round_fp16(x: torch.Tensor, toward: float) -> torch.Tensor:
     """fp32 -> fp16, rounding toward +inf or -inf instead of to nearest."""
     h = x.to(torch.float16)
     off = h.float() < x if toward > 0 else h.float() > x
@@ -51,10 +51,10 @@ def quantize(
     empty = torch.isinf(lo)  # every entry of the group excluded
     lo = torch.where(empty, 0.0, lo)
     hi = torch.where(empty, 0.0, hi)
-    zero = _round_fp16(lo, -math.inf)
+    zero = round_fp16(lo, -math.inf)
     # Divide by a tensor, not a Python number: CUDA computes x / number as x * (1 / number),
     # which is not IEEE division and would round some scales up one fp16 step too far.
-    scale = _round_fp16((hi - zero.float()) / torch.full_like(hi, top), math.inf)
+    scale = round_fp16((hi - zero.float()) / torch.full_like(hi, top), math.inf)
     if not (torch.isfinite(zero).all() and torch.isfinite(scale).all()):
         raise ValueError(
             f"values beyond the fp16 range (|x| > {FP16_MAX:.0f}) cannot be quantized with fp16 "

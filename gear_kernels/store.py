@@ -10,12 +10,13 @@ A layer's compressed tokens come in two parts, in position order (DESIGN.md sect
   StreamPart holds them as uniform tensors with a chunk axis, appended in order.
 
 A part keeps exactly what `compress` stored for its chunks (packed codes, fp16 scales and zero
-points, exact outliers, fp16 low-rank factors), concatenated, plus per-row token counts. Its
+points, outliers, low-rank factors and their scales), concatenated, plus per-row token counts. Its
 `dense()` rebuilds the tokens for the torch path in a fixed number of tensor operations, with no
 Python loop over rows or chunks, and computes every entry as `chunk.decompress` does, bit for
 bit, so a row reconstructs alike alone or inside a batch.
 
-Shapes: H kv heads, D head_dim, W = packing.packed_length(D, bits) bytes a token, B rows.
+Shapes: H kv heads, D head_dim, W = packing.packed_length(D, bits) bytes a token, B rows. Keys
+and values are parts of their own, so each has its own bits (key_bits, value_bits).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from .chunk import CompressedChunk, lowrank_product
+from .lowrank import factor
 from .outliers import index_dtype
 from .packing import unpack
 from .quantize import dequantize_entries
@@ -33,7 +35,7 @@ COMPONENTS = {  # as CompressedChunk.COMPONENTS, plus the outliers' bucket offse
     "codes": ("codes",),
     "scales": ("scale", "zero"),
     "outliers": ("outlier_values", "outlier_index", "outlier_bucket"),
-    "lowrank": ("lowrank_a", "lowrank_b"),
+    "lowrank": ("lowrank_a", "lowrank_b", "lowrank_a_scale", "lowrank_b_scale"),
 }
 # Outliers are bucketed by BUCKET tokens when they are stored: a decode tile (a multiple of
 # BUCKET tokens, at a multiple of BUCKET) finds its outliers at two offsets, with no search.
@@ -89,13 +91,14 @@ class PromptPart:
     codes (H, N, W) uint8, N = lengths.sum().
     scale, zero fp16: (H, D, NG) when per_channel, row b's groups one after the other, each of
     `group_sizes[b]` tokens (the last may be shorter); else (H, N, ceil(D / group)).
-    outlier_values (H, n_out) in the model dtype and outlier_index (H, n_out), row b's
+    outlier_values (H, n_out) in the model dtype (or fp16) and outlier_index (H, n_out), row b's
     `outlier_counts[b]` entries one after the other, each a flat index t * D + d into that
     row's own (tokens, D), ascending; or None.
     outlier_bucket (H, sum(ceil(lengths / BUCKET) + 1)) int32: row b's buckets (see buckets())
     one after the other, counting from the row's first outlier.
-    lowrank_a (H, N, r) and lowrank_b (B, H, D, r) fp16, or None; a row shorter than r has
-    zero columns beyond its own rank (they add exactly nothing).
+    lowrank_a (H, N, r) and lowrank_b (B, H, D, r) fp16 or int8, or None; a row shorter than r
+    has zero columns beyond its own rank (they add exactly nothing). int8 factors:
+    lowrank_a_scale and lowrank_b_scale (B, H, 1, r) fp16, row b's column scales.
     """
 
     dtype: torch.dtype
@@ -114,6 +117,8 @@ class PromptPart:
     outlier_bucket: torch.Tensor | None = None
     lowrank_a: torch.Tensor | None = None
     lowrank_b: torch.Tensor | None = None
+    lowrank_a_scale: torch.Tensor | None = None
+    lowrank_b_scale: torch.Tensor | None = None
 
     @classmethod
     def from_rows(cls, rows: list[CompressedChunk | None]) -> PromptPart:
@@ -145,6 +150,10 @@ class PromptPart:
             kwargs["lowrank_a"] = torch.cat([pad(c.lowrank_a[0]) for c in present], dim=1)
             empty = ref.lowrank_b.new_zeros(1, heads, dim, rank)
             kwargs["lowrank_b"] = torch.cat([empty if c is None else pad(c.lowrank_b) for c in rows])
+            if ref.lowrank_a_scale is not None:
+                for name in ("lowrank_a_scale", "lowrank_b_scale"):
+                    empty = ref.lowrank_a_scale.new_zeros(1, heads, 1, rank)
+                    kwargs[name] = torch.cat([empty if c is None else pad(getattr(c, name)) for c in rows])
         return cls(ref.dtype, dim, ref.bits, ref.per_channel, ref.group, lengths, group_sizes, **kwargs)
 
     @property
@@ -188,14 +197,15 @@ class PromptPart:
             zero = padded(self.zero).repeat_interleave(group, dim=-1)[..., :dim]
         out = dequantize_entries(codes, scale, zero)
         if self.lowrank_a is not None:
-            out = out + lowrank_product(padded(self.lowrank_a), self.lowrank_b)
+            out = out + lowrank_product(factor(padded(self.lowrank_a), self.lowrank_a_scale),
+                                        factor(self.lowrank_b, self.lowrank_b_scale))
         out = _finish(out, self.dtype)
         if self.outlier_values is not None:
             owner = torch.repeat_interleave(torch.arange(self.batch), self.outlier_counts)  # (n_out,)
             base = ((owner * tokens + lead[owner]) * dim).to(self.codes.device)
             where = base + self.outlier_index.long()  # (H, n_out) flat in (B, tokens, D)
             flat = out.transpose(0, 1).reshape(heads, -1)  # (H, B * tokens * D), a copy
-            flat.scatter_(1, where, self.outlier_values)
+            flat.scatter_(1, where, self.outlier_values.to(self.dtype))
             out = flat.reshape(heads, self.batch, tokens, dim).transpose(0, 1)
         return out
 
@@ -220,7 +230,10 @@ class PromptPart:
                           outlier_index=self.outlier_index.index_select(1, picks),
                           outlier_bucket=self.outlier_bucket.index_select(1, bucket_picks))
         if self.lowrank_a is not None:
-            kwargs.update(lowrank_a=self.lowrank_a.index_select(1, tok), lowrank_b=self.lowrank_b.index_select(0, index.to(dev)))
+            kwargs.update(lowrank_a=self.lowrank_a.index_select(1, tok))
+            for name in ("lowrank_b", "lowrank_a_scale", "lowrank_b_scale"):
+                if getattr(self, name) is not None:
+                    kwargs[name] = getattr(self, name).index_select(0, index.to(dev))
         return replace(self, **kwargs)
 
 
@@ -231,10 +244,11 @@ class StreamPart:
     codes (B, H, n * S, W) uint8.
     scale, zero fp16: (B, H, D, n * ng) when per_channel (ng groups of `group` tokens a chunk),
     else (B, H, n * S, ceil(D / group)).
-    outlier_values (B, H, n, k) in the model dtype and outlier_index (B, H, n, k), flat indices
+    outlier_values (B, H, n, k) in the model dtype (or fp16) and outlier_index (B, H, n, k), flat indices
     t * D + d into each chunk's own (S, D), ascending; outlier_bucket (B, H, n, ceil(S / BUCKET)
     + 1) int32 (see buckets()); or None.
-    lowrank_a (B, H, n * S, r) and lowrank_b (B, H, n, D, r) fp16, or None.
+    lowrank_a (B, H, n * S, r) and lowrank_b (B, H, n, D, r) fp16 or int8, or None; int8 factors:
+    lowrank_a_scale and lowrank_b_scale (B, H, n, 1, r) fp16, each chunk's column scales.
     """
 
     dtype: torch.dtype
@@ -251,6 +265,8 @@ class StreamPart:
     outlier_bucket: torch.Tensor | None = None
     lowrank_a: torch.Tensor | None = None
     lowrank_b: torch.Tensor | None = None
+    lowrank_a_scale: torch.Tensor | None = None
+    lowrank_b_scale: torch.Tensor | None = None
 
     @classmethod
     def from_chunk(cls, chunk: CompressedChunk) -> StreamPart:
@@ -261,6 +277,8 @@ class StreamPart:
                           outlier_bucket=buckets(chunk.outlier_index, chunk.shape[2], chunk.shape[3])[:, :, None])
         if chunk.lowrank_a is not None:
             kwargs.update(lowrank_a=chunk.lowrank_a, lowrank_b=chunk.lowrank_b[:, :, None])
+        if chunk.lowrank_a_scale is not None:
+            kwargs.update(lowrank_a_scale=chunk.lowrank_a_scale[:, :, None], lowrank_b_scale=chunk.lowrank_b_scale[:, :, None])
         # contiguous, as the kernels read them (a QR factor comes column-major)
         kwargs = {name: t.contiguous() for name, t in kwargs.items()}
         return cls(chunk.dtype, chunk.shape[3], chunk.bits, chunk.per_channel, chunk.group, chunk.shape[2], **kwargs)
@@ -285,10 +303,10 @@ class StreamPart:
         groups = -1 if a.per_channel else 2
         kwargs = dict(codes=torch.cat([a.codes, b.codes], 2), scale=torch.cat([a.scale, b.scale], groups),
                       zero=torch.cat([a.zero, b.zero], groups))
-        for name, axis in (("outlier_values", 2), ("outlier_index", 2), ("outlier_bucket", 2), ("lowrank_a", 2),
-                           ("lowrank_b", 2)):
+        for name in ("outlier_values", "outlier_index", "outlier_bucket", "lowrank_a", "lowrank_b", "lowrank_a_scale",
+                     "lowrank_b_scale"):
             if getattr(a, name) is not None:
-                kwargs[name] = torch.cat([getattr(a, name), getattr(b, name)], axis)
+                kwargs[name] = torch.cat([getattr(a, name), getattr(b, name)], 2)
         return replace(a, **kwargs)
 
     def drop_first(self, n: int) -> StreamPart | None:
@@ -305,6 +323,8 @@ class StreamPart:
                           outlier_bucket=keep(self.outlier_bucket, 2, 1))
         if self.lowrank_a is not None:
             kwargs.update(lowrank_a=keep(self.lowrank_a, 2, s), lowrank_b=keep(self.lowrank_b, 2, 1))
+        if self.lowrank_a_scale is not None:
+            kwargs.update(lowrank_a_scale=keep(self.lowrank_a_scale, 2, 1), lowrank_b_scale=keep(self.lowrank_b_scale, 2, 1))
         return replace(self, **kwargs)
 
     def nbytes(self) -> dict[str, int]:
@@ -326,13 +346,15 @@ class StreamPart:
             zero = self.zero.repeat_interleave(self.group, dim=-1)[..., :dim]
         out = dequantize_entries(codes, scale, zero)
         if self.lowrank_a is not None:
-            a = self.lowrank_a.reshape(batch, heads, n, s, -1)
-            out = out + lowrank_product(a, self.lowrank_b).reshape(batch, heads, tokens, dim)
+            a = factor(self.lowrank_a.reshape(batch, heads, n, s, -1), self.lowrank_a_scale)
+            b = factor(self.lowrank_b, self.lowrank_b_scale)
+            out = out + lowrank_product(a, b).reshape(batch, heads, tokens, dim)
         out = _finish(out, self.dtype)
         if self.outlier_values is not None:
             offset = torch.arange(n, device=self.codes.device)[:, None] * (s * dim)  # (n, 1)
             where = (self.outlier_index.long() + offset).reshape(batch, heads, -1)
-            out = out.reshape(batch, heads, -1).scatter(-1, where, self.outlier_values.reshape(batch, heads, -1))
+            values = self.outlier_values.reshape(batch, heads, -1).to(self.dtype)
+            out = out.reshape(batch, heads, -1).scatter(-1, where, values)
             out = out.reshape(batch, heads, tokens, dim)
         return out
 

@@ -15,6 +15,9 @@ Two launches a call, whatever the batch, its padding and the number of chunks he
    held transposed (tokens or channels x query rows) so that the tensor-core M dimension is the
    tile's tokens or channels, which the warps split, not 16 padded query rows every warp holds.
    Per compressed slice (a row's prompt, or one chunk of a row), tile by tile (`_attend_slice`):
+   - keys and values each have their own code width (K_BITS / V_BITS, K_W / V_W bytes a
+     token: key_bits and value_bits); int8 low-rank factors (LR_Q) are scaled by their column
+     scales as they are loaded, so everything below reads fp32 factors either way;
    - dequantize the K tile (`_dequant_tile`): whole bytes are loaded and split into codes in
      registers; scales and zeros are one vector a tile when the tile lies in one per-channel
      group (kivi keys), one value a byte for per-token groups; 3-bit codes (8 to 3 bytes) and
@@ -140,12 +143,13 @@ def _dequant_tile(codes_ptr, scale_ptr, zero_ptr, t0, t_end, D, W, GS, G,
 
 
 @triton.jit
-def _outlier_block(idx_ptr, val_ptr, o0, o_end, codes_ptr, scale_ptr, zero_ptr, a_ptr, b_ptr,
+def _outlier_block(idx_ptr, val_ptr, o0, o_end, codes_ptr, scale_ptr, zero_ptr, a_ptr, b_ptr, as_ptr, bs_ptr,
                    D, W, GS, G, R, a_st, b_sd,
                    BITS: tl.constexpr, PW: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_LR: tl.constexpr,
-                   BLOCK_O: tl.constexpr, R_G: tl.constexpr):
+                   LR_Q: tl.constexpr, BLOCK_O: tl.constexpr, R_G: tl.constexpr):
     """Outliers [o0, min(o0 + BLOCK_O, o_end)) of a slice: their token, channel, correction
-    S - D - L (0 where not taken) and the taken mask."""
+    S - D - L (0 where not taken) and the taken mask. LR_Q: int8 factors, times the column
+    scales at as_ptr / bs_ptr."""
     o = o0 + tl.arange(0, BLOCK_O)
     ok = o < o_end
     idx = tl.load(idx_ptr + o, mask=ok, other=0).to(tl.int32)
@@ -157,6 +161,9 @@ def _outlier_block(idx_ptr, val_ptr, o0, o_end, codes_ptr, scale_ptr, zero_ptr, 
         rm = ok[:, None] & (r < R)[None, :]
         a = tl.load(a_ptr + t[:, None] * a_st + r[None, :], mask=rm, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + d[:, None] * b_sd + r[None, :], mask=rm, other=0.0).to(tl.float32)
+        if LR_Q:
+            a = a * tl.load(as_ptr + r, mask=r < R, other=0.0).to(tl.float32)[None, :]
+            b = b * tl.load(bs_ptr + r, mask=r < R, other=0.0).to(tl.float32)[None, :]
         approx += tl.sum(a * b, axis=1)
     exact = tl.load(val_ptr + o, mask=ok, other=0.0).to(tl.float32)
     return t, d, tl.where(ok, exact - approx, 0.0), ok
@@ -165,19 +172,20 @@ def _outlier_block(idx_ptr, val_ptr, o0, o_end, codes_ptr, scale_ptr, zero_ptr, 
 @triton.jit
 def _attend_slice(
     m_i, l_i, acc, q_t, q_ptr, q_off, row_ok, t_lo, t_hi,
-    kc, ks, kz, ka, kb, koi, kov, kbk, k_gs, k_g, k_r,
-    vc, vs, vz, va, vb, voi, vov, vbk, v_gs, v_g, v_r,
-    D, W, scale_log2,
+    kc, ks, kz, ka, kb, koi, kov, kbk, kas, kbs, k_gs, k_g, k_r,
+    vc, vs, vz, va, vb, voi, vov, vbk, vas, vbs, v_gs, v_g, v_r,
+    D, K_W, V_W, scale_log2,
     K_BITS: tl.constexpr, K_PW: tl.constexpr, K_PC: tl.constexpr, K_MODE: tl.constexpr,
     K_LR: tl.constexpr, K_OUT: tl.constexpr,
     V_BITS: tl.constexpr, V_PW: tl.constexpr, V_PC: tl.constexpr, V_MODE: tl.constexpr,
-    V_LR: tl.constexpr, V_OUT: tl.constexpr,
+    V_LR: tl.constexpr, V_OUT: tl.constexpr, LR_Q: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr, R_P: tl.constexpr, R_G: tl.constexpr,
     BLOCK_O: tl.constexpr, BUCKET: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     """Online-softmax state (m_i, l_i, acc^T) after tokens [t_lo, t_hi) of one compressed slice
-    (one row's prompt, or one chunk of one row): pointers to its codes, scales, zeros, low-rank
-    factors (A rows of k_r columns; B of the slice, (D, k_r)), outliers and their buckets."""
+    (one row's prompt, or one chunk of one row): pointers to its codes (K_W / V_W bytes a token),
+    scales, zeros, low-rank factors (A rows of k_r columns; B of the slice, (D, k_r)), outliers,
+    their buckets, and, int8 factors (LR_Q), the factors' column scales (k_r each)."""
     d = tl.arange(0, D_P)
     d_ok = d < D
     r = tl.arange(0, R_P)  # rank, padded to a tensor-core width
@@ -185,26 +193,33 @@ def _attend_slice(
     if K_LR:
         bk_t = tl.load(kb + d[None, :] * k_r + r[:, None], mask=d_ok[None, :] & (r < k_r)[:, None],
                        other=0.0).to(tl.float32)  # B^T (R_P, D_P)
+        if LR_Q:
+            bk_t = bk_t * tl.load(kbs + r, mask=r < k_r, other=0.0).to(tl.float32)[:, None]
+            ka_s = tl.load(kas + r, mask=r < k_r, other=0.0).to(tl.float32)  # (R_P,)
         qb_t = tl.dot(bk_t, q_t.to(tl.float32), input_precision=PREC)  # (q B)^T (R_P, ROWS), once a slice
     if V_LR:
         acc_a = tl.zeros((R_P, ROWS), tl.float32)  # (P A)^T, rescaled with acc
+        if LR_Q:
+            va_s = tl.load(vas + r, mask=r < v_r, other=0.0).to(tl.float32)  # (R_P,)
     for t0 in range(t_lo, t_hi, BLOCK_N):
         tok = t0 + cols
         t_ok = tok < t_hi
         t_end = tl.minimum(t0 + BLOCK_N, t_hi)
         # ---- scores^T (BLOCK_N, ROWS)
-        k = _dequant_tile(kc, ks, kz, t0, t_hi, D, W, k_gs, k_g, K_BITS, K_PW, K_PC, K_MODE, BLOCK_N, D_P)
+        k = _dequant_tile(kc, ks, kz, t0, t_hi, D, K_W, k_gs, k_g, K_BITS, K_PW, K_PC, K_MODE, BLOCK_N, D_P)
         s = tl.dot(k.to(DOT), q_t, input_precision=PREC)  # fp32 accumulation
         if K_LR:
             a = tl.load(ka + tok[:, None] * k_r + r[None, :], mask=t_ok[:, None] & (r < k_r)[None, :],
                         other=0.0).to(tl.float32)  # A tile (BLOCK_N, R_P)
+            if LR_Q:
+                a = a * ka_s[None, :]
             s += tl.dot(a, qb_t, input_precision=PREC)  # A (q B)^T: the rank-r part, never A B^T
         if K_OUT:
             o_lo = tl.load(kbk + t0 // BUCKET)
             o_hi = tl.load(kbk + (t_end + BUCKET - 1) // BUCKET)
             for o0 in range(o_lo, o_hi, BLOCK_O):
-                ot, od, delta, ook = _outlier_block(koi, kov, o0, o_hi, kc, ks, kz, ka, kb, D, W, k_gs, k_g,
-                                                    k_r, k_r, k_r, K_BITS, K_PW, K_PC, K_LR, BLOCK_O, R_G)
+                ot, od, delta, ook = _outlier_block(koi, kov, o0, o_hi, kc, ks, kz, ka, kb, kas, kbs, D, K_W, k_gs,
+                                                    k_g, k_r, k_r, k_r, K_BITS, K_PW, K_PC, K_LR, LR_Q, BLOCK_O, R_G)
                 qd = tl.load(q_ptr + q_off[None, :] + od[:, None], mask=ook[:, None] & row_ok[None, :],
                              other=0.0).to(tl.float32)  # q[row, d] of each outlier (BLOCK_O, ROWS)
                 onehot = (cols[:, None] == (ot - t0)[None, :]) & ook[None, :]  # (BLOCK_N, BLOCK_O)
@@ -219,19 +234,21 @@ def _attend_slice(
         acc = acc * alpha[None, :]
         m_i = m_new
         # ---- values: acc^T += V^T P^T
-        v = _dequant_tile(vc, vs, vz, t0, t_hi, D, W, v_gs, v_g, V_BITS, V_PW, V_PC, V_MODE, BLOCK_N, D_P)
+        v = _dequant_tile(vc, vs, vz, t0, t_hi, D, V_W, v_gs, v_g, V_BITS, V_PW, V_PC, V_MODE, BLOCK_N, D_P)
         p_dot = p.to(DOT)
         acc += tl.dot(tl.trans(v.to(DOT)), p_dot, input_precision=PREC)
         if V_LR:
             a_t = tl.load(va + tok[None, :] * v_r + r[:, None], mask=t_ok[None, :] & (r < v_r)[:, None],
                           other=0.0)  # A^T tile (R_P, BLOCK_N)
+            if LR_Q:
+                a_t = a_t.to(tl.float32) * va_s[:, None]
             acc_a = acc_a * alpha[None, :] + tl.dot(a_t.to(DOT), p_dot, input_precision=PREC)
         if V_OUT:
             o_lo = tl.load(vbk + t0 // BUCKET)
             o_hi = tl.load(vbk + (t_end + BUCKET - 1) // BUCKET)
             for o0 in range(o_lo, o_hi, BLOCK_O):
-                ot, od, delta, ook = _outlier_block(voi, vov, o0, o_hi, vc, vs, vz, va, vb, D, W, v_gs, v_g,
-                                                    v_r, v_r, v_r, V_BITS, V_PW, V_PC, V_LR, BLOCK_O, R_G)
+                ot, od, delta, ook = _outlier_block(voi, vov, o0, o_hi, vc, vs, vz, va, vb, vas, vbs, D, V_W, v_gs,
+                                                    v_g, v_r, v_r, v_r, V_BITS, V_PW, V_PC, V_LR, LR_Q, BLOCK_O, R_G)
                 pick = ((ot - t0)[:, None] == cols[None, :]) & ook[:, None]  # (BLOCK_O, BLOCK_N)
                 pt = tl.dot(pick.to(tl.float32), p, input_precision=PREC)  # P[t of each outlier] (BLOCK_O, ROWS)
                 put = (d[:, None] == od[None, :]) & ook[None, :]  # (D_P, BLOCK_O)
@@ -239,6 +256,8 @@ def _attend_slice(
     if V_LR:
         bv = tl.load(vb + d[:, None] * v_r + r[None, :], mask=d_ok[:, None] & (r < v_r)[None, :],
                      other=0.0).to(tl.float32)  # B (D_P, R_P)
+        if LR_Q:
+            bv = bv * tl.load(vbs + r, mask=r < v_r, other=0.0).to(tl.float32)[None, :]
         acc += tl.dot(bv, acc_a, input_precision=PREC)  # ((P A) B^T)^T
     return m_i, l_i, acc
 
@@ -248,19 +267,20 @@ def _attend_kernel(
     q_ptr, m_ptr, l_ptr, acc_ptr,
     # prompt part (varlen rows): per-row token, group, outlier and bucket offsets
     p_len, p_tok, p_grp, p_gsz, p_out, p_bkt,
-    pkc, pks, pkz, pka, pkb, pkoi, pkov, pkbk,
-    pvc, pvs, pvz, pva, pvb, pvoi, pvov, pvbk,
+    pkc, pks, pkz, pka, pkb, pkoi, pkov, pkbk, pkas, pkbs,
+    pvc, pvs, pvz, pva, pvb, pvoi, pvov, pvbk, pvas, pvbs,
     N, PNG_K, PNG_V, P_OUT_N, P_BKT_N, pk_r, pv_r, pk_g, pv_g,
     # stream part (uniform chunks)
-    skc, sks, skz, ska, skb, skoi, skov, skbk,
-    svc, svs, svz, sva, svb, svoi, svov, svbk,
+    skc, sks, skz, ska, skb, skoi, skov, skbk, skas, skbs,
+    svc, svs, svz, sva, svb, svoi, svov, svbk, svas, svbs,
     NC, S, SNG_K, SNG_V, S_OUT_K, sk_r, sv_r, sk_g, sv_g,
     # exact buffer (batch, kv_heads, n_buf, D), last dim contiguous
     kbuf, vbuf, bk_sb, bk_sh, bk_st, bv_sb, bv_sh, bv_st, NBUF,
-    D, W, H, QH, QL, RATIO, M, NRB, J, JP, JS, SPLIT_P, SPLIT_C, SPLIT_B, scale_log2,
+    D, K_W, V_W, H, QH, QL, RATIO, M, NRB, J, JP, JS, SPLIT_P, SPLIT_C, SPLIT_B, scale_log2,
     K_BITS: tl.constexpr, K_PW: tl.constexpr, K_PC: tl.constexpr, K_MODE: tl.constexpr, K_OUT: tl.constexpr,
     V_BITS: tl.constexpr, V_PW: tl.constexpr, V_PC: tl.constexpr, V_MODE: tl.constexpr, V_OUT: tl.constexpr,
-    PK_LR: tl.constexpr, PV_LR: tl.constexpr, SK_LR: tl.constexpr, SV_LR: tl.constexpr, CAUSAL: tl.constexpr,
+    PK_LR: tl.constexpr, PV_LR: tl.constexpr, SK_LR: tl.constexpr, SV_LR: tl.constexpr, LR_Q: tl.constexpr,
+    CAUSAL: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr, R_P: tl.constexpr, R_G: tl.constexpr,
     BLOCK_O: tl.constexpr, BUCKET: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -301,14 +321,16 @@ def _attend_kernel(
             v_sc = (h64 * D * PNG_V + grp0) if V_PC else (h64 * N + tok0) * PNG_V
             m_i, l_i, acc = _attend_slice(
                 m_i, l_i, acc, q_t, q_ptr, q_off, row_ok, t_lo, t_hi,
-                pkc + (h64 * N + tok0) * W, pks + k_sc, pkz + k_sc, pka + (h64 * N + tok0) * pk_r,
+                pkc + (h64 * N + tok0) * K_W, pks + k_sc, pkz + k_sc, pka + (h64 * N + tok0) * pk_r,
                 pkb + bh64 * D * pk_r, pkoi + h64 * P_OUT_N + out0, pkov + h64 * P_OUT_N + out0,
-                pkbk + h64 * P_BKT_N + bkt0, PNG_K, pk_g if not K_PC else gsz, pk_r,
-                pvc + (h64 * N + tok0) * W, pvs + v_sc, pvz + v_sc, pva + (h64 * N + tok0) * pv_r,
+                pkbk + h64 * P_BKT_N + bkt0, pkas + bh64 * pk_r, pkbs + bh64 * pk_r,
+                PNG_K, pk_g if not K_PC else gsz, pk_r,
+                pvc + (h64 * N + tok0) * V_W, pvs + v_sc, pvz + v_sc, pva + (h64 * N + tok0) * pv_r,
                 pvb + bh64 * D * pv_r, pvoi + h64 * P_OUT_N + out0, pvov + h64 * P_OUT_N + out0,
-                pvbk + h64 * P_BKT_N + bkt0, PNG_V, pv_g if not V_PC else gsz, pv_r,
-                D, W, scale_log2,
-                K_BITS, K_PW, K_PC, K_MODE, PK_LR, K_OUT, V_BITS, V_PW, V_PC, V_MODE, PV_LR, V_OUT,
+                pvbk + h64 * P_BKT_N + bkt0, pvas + bh64 * pv_r, pvbs + bh64 * pv_r,
+                PNG_V, pv_g if not V_PC else gsz, pv_r,
+                D, K_W, V_W, scale_log2,
+                K_BITS, K_PW, K_PC, K_MODE, PK_LR, K_OUT, V_BITS, V_PW, V_PC, V_MODE, PV_LR, V_OUT, LR_Q,
                 ROWS, BLOCK_N, D_P, R_P, R_G, BLOCK_O, BUCKET, DOT, PREC,
             )
     elif j < JP + JS:  # a split of whole streamed chunks
@@ -323,14 +345,14 @@ def _attend_kernel(
             n_bkt = (S + BUCKET - 1) // BUCKET + 1
             m_i, l_i, acc = _attend_slice(
                 m_i, l_i, acc, q_t, q_ptr, q_off, row_ok, 0, S,
-                skc + tok0 * W, sks + k_sc, skz + k_sc, ska + tok0 * sk_r, skb + slot * D * sk_r,
-                skoi + slot * S_OUT_K, skov + slot * S_OUT_K, skbk + slot * n_bkt,
+                skc + tok0 * K_W, sks + k_sc, skz + k_sc, ska + tok0 * sk_r, skb + slot * D * sk_r,
+                skoi + slot * S_OUT_K, skov + slot * S_OUT_K, skbk + slot * n_bkt, skas + slot * sk_r, skbs + slot * sk_r,
                 SNG_K * NC if K_PC else SNG_K, sk_g, sk_r,
-                svc + tok0 * W, svs + v_sc, svz + v_sc, sva + tok0 * sv_r, svb + slot * D * sv_r,
-                svoi + slot * S_OUT_K, svov + slot * S_OUT_K, svbk + slot * n_bkt,
+                svc + tok0 * V_W, svs + v_sc, svz + v_sc, sva + tok0 * sv_r, svb + slot * D * sv_r,
+                svoi + slot * S_OUT_K, svov + slot * S_OUT_K, svbk + slot * n_bkt, svas + slot * sv_r, svbs + slot * sv_r,
                 SNG_V * NC if V_PC else SNG_V, sv_g, sv_r,
-                D, W, scale_log2,
-                K_BITS, K_PW, K_PC, K_MODE, SK_LR, K_OUT, V_BITS, V_PW, V_PC, V_MODE, SV_LR, V_OUT,
+                D, K_W, V_W, scale_log2,
+                K_BITS, K_PW, K_PC, K_MODE, SK_LR, K_OUT, V_BITS, V_PW, V_PC, V_MODE, SV_LR, V_OUT, LR_Q,
                 ROWS, BLOCK_N, D_P, R_P, R_G, BLOCK_O, BUCKET, DOT, PREC,
             )
     else:  # a split of the exact buffer
@@ -418,8 +440,10 @@ def _check_sorted(index: torch.Tensor) -> None:
 
 def _pointers(part, dummies: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """A part's tensors in the kernels' order (codes, scale, zero, A, B, outlier index, values,
-    buckets); dummies of the right types where it has none (never read, but compiled)."""
-    names = ("codes", "scale", "zero", "lowrank_a", "lowrank_b", "outlier_index", "outlier_values", "outlier_bucket")
+    buckets, A's and B's column scales); dummies of the right types where it has none (never
+    read, but compiled)."""
+    names = ("codes", "scale", "zero", "lowrank_a", "lowrank_b", "outlier_index", "outlier_values", "outlier_bucket",
+             "lowrank_a_scale", "lowrank_b_scale")
     return [dummies[n] if part is None or getattr(part, n) is None else getattr(part, n) for n in names]
 
 
@@ -493,7 +517,7 @@ def decode_attention_triton(
     ref = next((part for part in (prompt_k, stream_k) if part is not None), None)
     ints = torch.zeros(1, dtype=torch.int32, device=dev)
     dummies = dict(codes=torch.zeros(1, dtype=torch.uint8, device=dev), scale=q, zero=q, lowrank_a=q, lowrank_b=q,
-                   outlier_index=ints, outlier_values=q, outlier_bucket=ints)
+                   outlier_index=ints, outlier_values=q, outlier_bucket=ints, lowrank_a_scale=q, lowrank_b_scale=q)
     for part in (prompt_k, prompt_v):
         if part is not None:
             _check_sorted_rows(part)
@@ -548,8 +572,10 @@ def decode_attention_triton(
     else:
         kb_ = vb_ = q
         buf_strides = [0] * 6
-    bits = ref.bits if ref is not None else 2
-    w = ref.codes.shape[-1] if ref is not None else 1
+    # keys and values may have their own widths (key_bits, value_bits): each side reads its own
+    ref_k, ref_v = prompt_k or stream_k, prompt_v or stream_v
+    k_bits, v_bits = (side.bits if side is not None else 2 for side in (ref_k, ref_v))
+    k_w, v_w = (side.codes.shape[-1] if side is not None else 1 for side in (ref_k, ref_v))
     k_pc = (prompt_k or stream_k).per_channel if ref is not None else False
     v_pc = (prompt_v or stream_v).per_channel if ref is not None else False
 
@@ -565,8 +591,9 @@ def decode_attention_triton(
                 ok &= part.group % block_n == 0 or part.group >= part.chunk_tokens
         return ok
 
-    k_mode = _mode(group_ok((prompt_k, stream_k)), bits, p.head_dim, k_pc, (prompt_k or stream_k).group if ref else 1)
-    v_mode = _mode(group_ok((prompt_v, stream_v)), bits, p.head_dim, v_pc, (prompt_v or stream_v).group if ref else 1)
+    k_mode = _mode(group_ok((prompt_k, stream_k)), k_bits, p.head_dim, k_pc, ref_k.group if ref else 1)
+    v_mode = _mode(group_ok((prompt_v, stream_v)), v_bits, p.head_dim, v_pc, ref_v.group if ref else 1)
+    lr_q = ref is not None and ref_k.lowrank_a_scale is not None
     has_out = ref is not None and (prompt_k or stream_k).outlier_values is not None
     rank = max(pk_i["rank"], pv_i["rank"], sk_i["rank"], sv_i["rank"])
 
@@ -585,11 +612,11 @@ def decode_attention_triton(
         n_chunks, chunk_tokens, sk_i["ng"], sv_i["ng"], sk_i["n_out"], sk_i["rank"], sv_i["rank"],
         sk_i["group"], sv_i["group"],
         kb_, vb_, *buf_strides, p.n_buf,
-        p.head_dim, w, p.kv_heads, p.q_heads, p.q_len, p.ratio, rows_total, nrb, n_work, jp, js,
+        p.head_dim, k_w, v_w, p.kv_heads, p.q_heads, p.q_len, p.ratio, rows_total, nrb, n_work, jp, js,
         split_p, split_c, split_b, float(scale) * LOG2E,
-        K_BITS=bits, K_PW=CODES_PER_WORD[bits], K_PC=k_pc, K_MODE=k_mode, K_OUT=has_out,
-        V_BITS=bits, V_PW=CODES_PER_WORD[bits], V_PC=v_pc, V_MODE=v_mode, V_OUT=has_out,
-        PK_LR=pk_i["lr"], PV_LR=pv_i["lr"], SK_LR=sk_i["lr"], SV_LR=sv_i["lr"], CAUSAL=p.q_len > 1,
+        K_BITS=k_bits, K_PW=CODES_PER_WORD[k_bits], K_PC=k_pc, K_MODE=k_mode, K_OUT=has_out,
+        V_BITS=v_bits, V_PW=CODES_PER_WORD[v_bits], V_PC=v_pc, V_MODE=v_mode, V_OUT=has_out,
+        PK_LR=pk_i["lr"], PV_LR=pv_i["lr"], SK_LR=sk_i["lr"], SV_LR=sv_i["lr"], LR_Q=lr_q, CAUSAL=p.q_len > 1,
         ROWS=rows, BLOCK_N=block_n, D_P=d_p, R_P=max(16, _pow2(rank)), R_G=max(2, _pow2(rank)),
         BLOCK_O=block_o, BUCKET=BUCKET, DOT=dot, PREC=prec,
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],

@@ -29,6 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 from gear_kernels import GearConfig, decompress, resolve_kernel
 from gear_kernels.dispatch import compress
+from gear_kernels.rotation import check_head_dim, hadamard_signs, rotate, unrotate
 from gear_kernels.store import KVStore
 
 from .attention import PackedKV, hand_over, uses_gear_attention
@@ -115,6 +116,9 @@ class GearLayer(CacheLayerMixin):
                 "lm_eval_gear.use_gear_attention(model) before building the GearCache"
             )
         self.pad_len = self._prompt_padding(key_states.shape[0], key_states.shape[-2], position_ids)
+        # (head_dim,) signs of the Hadamard rotation (gear_kernels.rotation), or None
+        self.rotation = None if _rotation(self.config) == "none" else \
+            hadamard_signs(key_states.shape[-1], self.config.seed).to(self.device)
         self.is_initialized = True
 
     def _prompt_padding(self, batch: int, tokens: int, position_ids: torch.Tensor | None) -> torch.Tensor:
@@ -183,19 +187,19 @@ class GearLayer(CacheLayerMixin):
         one chunk, so padding enters no statistic; the rows' chunks then go to the store."""
         end = keys.shape[-2]
         store = KVStore(batch=keys.shape[0], prompt_start=self._first_visible(end), prompt_end=end)
-        rank = self.config.rank_prompt
+        rank = self.config.rank(prompt=True)
         rows_k, rows_v = [], []
         for row, pad in enumerate(self.pad_len.tolist()):
             start = max(pad, store.prompt_start)
             k, v = keys[row : row + 1, :, start:], values[row : row + 1, :, start:]
-            rows_k.append(None if start == end else compress(k, self.config, "key", rank))
-            rows_v.append(None if start == end else compress(v, self.config, "value", rank))
+            rows_k.append(None if start == end else self._compress(k, "key", rank))
+            rows_v.append(None if start == end else self._compress(v, "value", rank))
         self.store = store.with_prompt(rows_k, rows_v)
-        self.decoded = None if self.reads_packed else self.store.dense()
+        self.decoded = None if self.reads_packed else self._restored(self.store.dense())
 
     def _flush_full_buffer(self) -> None:
         """Compress each full buffer_size tokens of the buffer as a chunk; drop what left the window."""
-        size, rank = self.config.buffer_size, self.config.rank_chunk
+        size, rank = self.config.buffer_size, self.config.rank(prompt=False)
         first = self._first_visible()  # flushing moves tokens, it does not add any
         while self.buffer_k.shape[-2] >= size:
             k, v = self.buffer_k[:, :, :size], self.buffer_v[:, :, :size]
@@ -204,11 +208,21 @@ class GearLayer(CacheLayerMixin):
             if self._chunk_end(self.store.dropped + self.store.chunks) <= first:
                 self.store = self.store.with_dropped(1)  # already out of the window: nothing will read it
                 continue
-            keys, values = compress(k, self.config, "key", rank), compress(v, self.config, "value", rank)
+            keys, values = self._compress(k, "key", rank), self._compress(v, "value", rank)
             self.store = self.store.appended(keys, values)
             if self.decoded is not None:  # decompress(chunk) is what the store's dense() gives for it, bitwise
-                self.decoded = _joined(self.decoded, (decompress(keys), decompress(values)))
+                self.decoded = _joined(self.decoded, self._restored((decompress(keys), decompress(values))))
         self._evict(first)
+
+    def _compress(self, x: torch.Tensor, kind: str, rank: int):
+        """x (batch, kv_heads, tokens, head_dim) -> its compressed chunk, rotated first if configured."""
+        return compress(x if self.rotation is None else rotate(x, self.rotation), self.config, kind, rank)
+
+    def _restored(self, kv: tuple) -> tuple:
+        """Keys and values rebuilt from the store, rotated back (None stays None)."""
+        if self.rotation is None:
+            return kv
+        return tuple(None if t is None else unrotate(t, self.rotation) for t in kv)
 
     def _chunk_end(self, j: int) -> int:
         """One past the last position of streamed chunk j (counting dropped chunks)."""
@@ -267,7 +281,7 @@ class GearLayer(CacheLayerMixin):
         request to check the model's mask against the rows' padding)."""
         check, self.padding_checked = not self.padding_checked, True
         return PackedKV(store=self.store, buffer_k=self.buffer_k, buffer_v=self.buffer_v, kernel=self.kernel,
-                        check_padding=check)
+                        check_padding=check, rotation=self.rotation)
 
     def get_seq_length(self) -> int:
         """Tokens seen (as transformers' layers count them, sliding ones included)."""
@@ -338,6 +352,8 @@ class GearCache(Cache):
     def __init__(self, config: GearConfig | Mapping[str, Any], model_config=None,
                  attention_mask: torch.Tensor | None = None):
         self.config = _as_config(config)
+        if model_config is not None and _rotation(self.config) == "hadamard":
+            check_head_dim(_head_dim(model_config))  # now, rather than at the first forward
         self.pad_len = _mask_pads(attention_mask)
         self.packed_attention = uses_gear_attention(model_config)
         if model_config is None:
@@ -419,6 +435,16 @@ def _layer_report(layer: CacheLayerMixin) -> dict:
         dense += t.numel() * t.element_size()
     working = layer.working_bytes() if isinstance(layer, GearLayer) else 0
     return {"bytes": parts, "elements": elements, "dense_bytes": dense, "working_bytes": working}
+
+
+def _rotation(config: GearConfig) -> str:
+    """The config's rotation; codecs that quantize nothing (none) have no such option."""
+    return getattr(config.codec, "rotation", "none")
+
+
+def _head_dim(model_config) -> int:
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
 
 def _joined(a: tuple, b: tuple) -> tuple:

@@ -27,12 +27,13 @@ OPTIONS = GEAR_OPTIONS + RUN_OPTIONS
 # GEAR reference code); a user coming from one of them types these.
 PEER_NAMES: dict[str, tuple[str, ...]] = {
     "nbits": ("bits",), "quant_bits": ("bits",), "quantize_bit": ("bits",), "kv_bits": ("bits",),
+    "k_bits": ("key_bits",), "v_bits": ("value_bits",),
     "q_group_size": ("group_size",), "residual_length": ("buffer_size",), "streaming_gap": ("buffer_size",),
     "rank": ("rank_prompt", "rank_chunk"), "left": ("outlier_ratio",), "loop": ("power_iters",),
 }
 # Words of GEAR option names that no HFLM, from_pretrained or common model-config argument is
 # made of: a key holding one of them (or a same-length typo of one) is a GEAR option misspelt.
-GEAR_WORDS = ("method", "bits", "outlier", "rank", "buffer")
+GEAR_WORDS = ("method", "bits", "outlier", "rank", "lowrank", "buffer")
 
 
 @lru_cache(maxsize=1)

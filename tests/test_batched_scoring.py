@@ -77,7 +77,8 @@ def _gear(tiny, batch_size, config: str = "gear-2") -> GearHFLM:
     lm = GearHFLM(pretrained=tiny, device="cpu", batch_size=batch_size, **SMALL, **limit,
                   **CONFIGS["gear-2" if config == "exact" else config])
     if config == "exact":
-        lm.make_cache = lambda attention_mask=None: GearCache({"method": "none", **SMALL}, lm.model.config, attention_mask)
+        exact = {"method": "none", "buffer_size": SMALL["buffer_size"]}  # none takes no group_size
+        lm.make_cache = lambda attention_mask=None: GearCache(exact, lm.model.config, attention_mask)
     return lm
 
 

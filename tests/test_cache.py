@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig
 
 from gear_kernels import GearConfig, compress, decompress
+from gear_kernels.store import COMPONENTS as STORED
 from lm_eval_gear import GearCache
 from lm_eval_gear.cache import GearLayer
 from lm_eval_gear.compat import cache_kwarg
@@ -87,7 +88,12 @@ def test_padded_batch_gives_the_same_greedy_tokens(llama):
     assert torch.equal(out_alone[0, 19:], out_padded[0, 26:])
 
 
-def test_padded_batch_stores_the_same_bytes():
+CODEC_OPTIONS = GearConfig(method="gear", bits=2, value_bits=4, group_size=8, buffer_size=8, lowrank_dtype="int8",
+                           outlier_dtype="fp16")
+
+
+@pytest.mark.parametrize("gear", [GEAR, CODEC_OPTIONS], ids=["defaults", "codec-options"])
+def test_padded_batch_stores_the_same_bytes(gear):
     """The model may round a row's K/V differently inside a batch; given the same K/V, the cache
     stores the same bytes and attends to the same values whatever the padding around them."""
     torch.manual_seed(0)
@@ -96,7 +102,7 @@ def test_padded_batch_stores_the_same_bytes():
     batch_v = torch.cat([torch.cat([torch.randn(1, 2, 7, 16), v], dim=-2), torch.randn(1, 2, 26, 16)])
     mask = torch.ones(2, 26, dtype=torch.long)
     mask[0, :7] = 0
-    alone, padded = GearCache(GEAR), GearCache(GEAR, attention_mask=mask)
+    alone, padded = GearCache(gear), GearCache(gear, attention_mask=mask)
     alone.update(k, v, 0)
     padded.update(batch_k, batch_v, 0)
     mine, theirs = alone.layers[0].store, padded.layers[0].store
@@ -129,9 +135,9 @@ def test_flush_boundaries_match_manual_compression(prompt_len, new_tokens):
     flushed = (new_tokens - 1) // GEAR.buffer_size * GEAR.buffer_size  # flushes happen after attention
 
     def expected(prompt, stream, kind):
-        rows = [decompress(compress(prompt[b : b + 1], GEAR, kind, GEAR.rank_prompt)) for b in range(2)]
+        rows = [decompress(compress(prompt[b : b + 1], GEAR, kind, GEAR.rank(prompt=True))) for b in range(2)]
         parts = [torch.cat(rows)] + [
-            decompress(compress(stream[:, :, s : s + GEAR.buffer_size], GEAR, kind, GEAR.rank_chunk))
+            decompress(compress(stream[:, :, s : s + GEAR.buffer_size], GEAR, kind, GEAR.rank(prompt=False)))
             for s in range(0, flushed, GEAR.buffer_size)
         ]
         return torch.cat(parts + [stream[:, :, flushed:]], dim=-2)
@@ -204,17 +210,22 @@ def test_reset_makes_a_cache_reusable(llama):
     assert torch.equal(generate(model, second, cache), generate(model, second, GearCache(GEAR, config)))
 
 
-def test_memory_report_counts_the_stored_tensors(llama):
+@pytest.mark.parametrize("options", [dict(method="kivi"), dict(method="kivi", key_bits=4),
+                                     dict(method="gear-l", lowrank_dtype="int8"),
+                                     dict(method="gear", value_bits=3, outlier_dtype="fp16", lowrank_dtype="int8")],
+                         ids=lambda o: "-".join(map(str, o.values())))
+def test_memory_report_counts_the_stored_tensors(llama, options):
     model, config = llama
-    cache = GearCache(GearConfig(method="kivi", bits=2, group_size=8, buffer_size=8), config)
+    cache = GearCache(GearConfig(**{"bits": 2, "group_size": 8, "buffer_size": 8, **options}), config)
     generate(model, prompts(1, 40), cache, max_new_tokens=13)
     report = cache.memory_report()
-    stored = sum(part.numel() * part.element_size() for layer in cache.layers for p in layer.store.parts()
-                 for part in (p.codes, p.scale, p.zero))  # kivi: codes and scales only
+    stored = sum(t.numel() * t.element_size() for layer in cache.layers for p in layer.store.parts()
+                 for names in STORED.values() for t in (getattr(p, n) for n in names) if t is not None)
     buffered = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.buffer_tensors())
     assert report["total_bytes"] == stored + buffered == sum(report["bytes"].values())
     assert report["bytes"]["buffer"] == buffered > 0
     assert report["elements"] == 2 * 2 * config.num_key_value_heads * 16 * (40 + 12)
     assert report["dense_bytes"] == 4 * report["elements"]
-    assert report["ratio"] > 3  # fp32 model, 2-bit codes + fp16 scales per 8 + a small buffer
+    if options["method"] == "kivi":
+        assert report["ratio"] > 3  # fp32 model, 2-bit codes + fp16 scales per 8 + a small buffer
     assert len(report["per_layer"]) == config.num_hidden_layers

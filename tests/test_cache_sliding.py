@@ -70,8 +70,8 @@ def test_window_bookkeeping_against_manual_compression():
     assert layer.get_seq_length() == 25 and layer.offset() == 13 and layer.store.chunks == 1
 
     def rebuilt(x, stream, kind):
-        prompt = decompress(compress(x[:, :, 4:], GEAR, kind, GEAR.rank_prompt))
-        chunk = decompress(compress(stream[:, :, :8], GEAR, kind, GEAR.rank_chunk))
+        prompt = decompress(compress(x[:, :, 4:], GEAR, kind, GEAR.rank(prompt=True)))
+        chunk = decompress(compress(stream[:, :, :8], GEAR, kind, GEAR.rank(prompt=False)))
         return torch.cat([prompt, chunk, stream[:, :, 8:9]], dim=-2)
 
     # token 8 (position 21) still saw the prompt, which was dropped right after it

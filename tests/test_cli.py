@@ -11,7 +11,8 @@ All lm_eval processes start at once (they are mostly import time) in one module 
         JSON and the printed summary hold the GEAR config and the measured KV memory; with
         `fidelity=true`, and gear4 the same at 4 bits: the CI gate passes a run against its own
         baseline and fails the 2-bit run against the 4-bit one;
-* bad:  `bits=5`: exits at once (before any model loads) with one line naming it;
+* bad:  `bits=5`: exits at once (before any model loads) with one line naming it; so does
+  `method=kivi,rank_prompt=8` (an option kivi does not use);
 * cached2, cached4: the generation task with `--use_cache` on one path at bits 2 and 4: each
         configuration gets its own response-cache file (a rerun then reads it);
 * probe: a bare `python` that checks what the start-up hook costs and registers.
@@ -110,6 +111,10 @@ def runs(tmp_path_factory):
                   f"pretrained={model},{GEAR_ARGS.replace('bits=2', 'bits=4')},fidelity=true", *common],
         "bad": [
             lm_eval, "--model", "gear-hf", "--model_args", "pretrained=/nonexistent/model,bits=5",
+            "--tasks", "gear_cli_gen", "--include_path", str(TASKS_DIR),
+        ],
+        "unused": [
+            lm_eval, "--model", "gear-hf", "--model_args", "pretrained=/nonexistent/model,method=kivi,rank_prompt=8",
             "--tasks", "gear_cli_gen", "--include_path", str(TASKS_DIR),
         ],
         "probe": [sys.executable, "-c", PROBE],
@@ -227,10 +232,19 @@ def test_bad_model_arg_stops_at_once(runs):
     bad = runs["bad"]
     assert bad["rc"] == 2, bad["stderr"][-3000:]
     # named, with the valid choices, in one line, and before the (nonexistent) model was touched
-    assert "lm_eval: error: gear-hf: invalid --model_args: GearConfig.bits=5 is invalid: allowed one of 2, 3, 4, 8" in bad["stderr"]
+    assert "lm_eval: error: gear-hf: invalid --model_args: GearConfig.bits=5 is invalid (method 'gear'): " \
+        "allowed one of 2, 3, 4, 8" in bad["stderr"]
     assert "Traceback" not in bad["stderr"]
     assert "nonexistent" not in bad["stderr"]
     assert bad["seconds"] < min(runs[n]["seconds"] for n in ("hf", "none", "gear"))
+
+
+def test_option_the_method_does_not_use_stops_at_once(runs):
+    unused = runs["unused"]
+    assert unused["rc"] == 2, unused["stderr"][-3000:]
+    assert "lm_eval: error: gear-hf: invalid --model_args: method 'kivi' does not use rank_prompt; it takes bits, " \
+        in unused["stderr"]
+    assert "Traceback" not in unused["stderr"] and "nonexistent" not in unused["stderr"]
 
 
 def test_startup_hook_is_cheap_and_registers_everything(runs):

@@ -14,6 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gear_kernels import CompressedChunk, GearConfig, bits_per_element, compress, decompress
+from gear_kernels.codecs import CODECS, METHODS
+from gear_kernels.config import SHARED
 from gear_kernels.outliers import index_dtype
 from gear_kernels.packing import packed_length
 from gear_kernels.quantize import levels
@@ -21,8 +23,14 @@ from gear_kernels.quantize import levels
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKBONES = ["kivi", "kcvt", "flexgen"]
 KINDS = ["key", "value"]
-LOSSY = ["kivi", "gear-l", "gear"]
+LOSSY = [m for m in METHODS if CODECS[m]().compresses]
 FP16_MAX = torch.finfo(torch.float16).max
+
+
+def config_of(method: str, **options) -> GearConfig:
+    """GearConfig of `method` with those of `options` it takes (it refuses the others)."""
+    takes = (*CODECS[method].options(), *SHARED)
+    return GearConfig(method=method, **{k: v for k, v in options.items() if k in takes})
 
 
 def randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -242,7 +250,7 @@ def test_select_rows_reorders_like_the_input():
 @pytest.mark.parametrize("method", ["none", *LOSSY])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nbytes_by_component_sums_the_stored_tensors(method, dtype):
-    chunk = compress(randn(2, 3, 33, 20, dtype=dtype), GearConfig(method=method, bits=3, group_size=16), "key")
+    chunk = compress(randn(2, 3, 33, 20, dtype=dtype), config_of(method, bits=3, group_size=16), "key")
     parts = chunk.nbytes(by_component=True)
     stored = {name: t.numel() * t.element_size() for name, t in chunk.tensors().items()}
     assert parts == {
@@ -380,45 +388,53 @@ def chunk_inputs(draw) -> torch.Tensor:
     return with_outliers(x).to(draw(st.sampled_from(DTYPES)))
 
 
-configs = st.builds(
-    GearConfig,
-    method=st.sampled_from(LOSSY),
+OPTION_VALUES = dict(
     bits=st.sampled_from([2, 3, 4, 8]),
+    value_bits=st.sampled_from([2, 3, 4, 8]),
     backbone=st.sampled_from(BACKBONES),
     group_size=st.sampled_from([1, 5, 16, 64, 200]),
     outlier_ratio=st.sampled_from([0.0, 0.02, 0.1]),
+    outlier_dtype=st.sampled_from(["model", "fp16"]),
     rank_prompt=st.integers(0, 5),
-    seed=st.integers(0, 100),
+    lowrank_dtype=st.sampled_from(["fp16", "int8"]),
 )
 
 
+@st.composite
+def configs(draw) -> GearConfig:
+    """A lossy method with random values of the options it takes."""
+    method = draw(st.sampled_from(LOSSY))
+    options = {k: draw(v) for k, v in OPTION_VALUES.items() if k in CODECS[method].options()}
+    return GearConfig(method=method, seed=draw(st.integers(0, 100)), **options)
+
+
 @PROPERTY
-@given(x=chunk_inputs(), config=configs, kind=st.sampled_from(KINDS))
+@given(x=chunk_inputs(), config=configs(), kind=st.sampled_from(KINDS))
 def test_property_stored_layout(x, config, kind):
     batch, heads, tokens, head_dim = x.shape
     chunk = compress(x, config, kind)
     out = decompress(chunk)
     assert out.shape == x.shape and out.dtype == x.dtype and torch.isfinite(out).all()
 
-    assert chunk.codes.shape == (batch, heads, tokens, packed_length(head_dim, config.bits))
+    assert chunk.codes.shape == (batch, heads, tokens, packed_length(head_dim, config.codec.bits_for(kind)))
     assert chunk.codes.dtype == torch.uint8
     along, across = (tokens, head_dim) if chunk.per_channel else (head_dim, tokens)
     assert chunk.scale.shape == (batch, heads, across, math.ceil(along / chunk.group))
-    rank = min(config.rank_prompt, tokens, head_dim) if config.uses_lowrank else 0
+    rank = min(config.rank(prompt=True), tokens, head_dim)
     assert (chunk.lowrank_a is None) == (rank == 0)
     if rank:
         assert chunk.lowrank_a.shape[-1] == chunk.lowrank_b.shape[-1] == rank
-    if config.uses_outliers:
+    if config.uses_outliers and config.outlier_dtype == "model":
         assert_outliers_exact(x, chunk)
     assert chunk.nbytes() == sum(t.numel() * t.element_size() for t in chunk.tensors().values())
 
 
 @PROPERTY
-@given(x=chunk_inputs(), config=configs, kind=st.sampled_from(KINDS))
+@given(x=chunk_inputs(), config=configs(), kind=st.sampled_from(KINDS))
 def test_property_without_lowrank_within_half_step(x, config, kind):
     chunk = compress(x, config, kind, rank=0)
     assert_within_half_step(x, chunk)
-    if config.uses_outliers:
+    if config.uses_outliers and config.outlier_dtype == "model":
         assert_outliers_exact(x, chunk)
 
 

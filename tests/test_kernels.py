@@ -22,6 +22,7 @@ pytest.importorskip("triton")
 
 from gear_kernels import GearConfig, compress, decompress, resolve_kernel  # noqa: E402
 from gear_kernels import dispatch  # noqa: E402
+from gear_kernels.codecs import CODECS  # noqa: E402
 from gear_kernels import triton_attention as ta  # noqa: E402
 from gear_kernels import triton_quantize as tq  # noqa: E402
 from gear_kernels.attention_reference import decode_attention_torch  # noqa: E402
@@ -148,7 +149,7 @@ def make_store(config, batch, heads, dim, dtype, prompt, chunks, seed, compresso
                   for b, n in enumerate(prompt)]
         store = store.with_prompt(rows_k, rows_v)
     for i in range(chunks):
-        size, rank = config.buffer_size, config.rank_chunk
+        size, rank = config.buffer_size, config.rank(prompt=False)
         store = store.appended(compressor(kv(batch, heads, size, dim, dtype, seed + 100 + i, "key"), config, "key", rank),
                                compressor(kv(batch, heads, size, dim, dtype, seed + 200 + i, "value"), config, "value", rank))
     return store
@@ -176,8 +177,8 @@ def test_decode_attention_matches_reference(method, backbone, bits, group, buffe
                                             prompt, chunks, n_buf, block_n, split):
     heads = 2 if ratio < 8 else 1
     seed = bits * 7 + dim + ratio
-    config = GearConfig(method=method, backbone=backbone, bits=bits, group_size=group, buffer_size=buffer,
-                        rank_prompt=4, rank_chunk=2)
+    ranks = dict(rank_prompt=4, rank_chunk=2) if CODECS[method]().uses_lowrank else {}
+    config = GearConfig(method=method, backbone=backbone, bits=bits, group_size=group, buffer_size=buffer, **ranks)
     store = make_store(config, batch, heads, dim, dtype, prompt, chunks, seed)
     k_buf = kv(batch, heads, n_buf, dim, dtype, seed + 1, "key") if n_buf else None
     v_buf = kv(batch, heads, n_buf, dim, dtype, seed + 2, "value") if n_buf else None

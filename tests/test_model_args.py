@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gear_kernels import GearConfig, GearConfigError
+from gear_kernels.codecs import CODECS
 from lm_eval_gear import registration
 from lm_eval_gear.model_args import GEAR_OPTIONS, check_model_args, response_cache_tag, split_model_args
 from lm_eval_gear.smollm2 import GGUF_FILE, smollm2_dir
@@ -19,17 +20,19 @@ REPO = Path(__file__).resolve().parents[1]
 def test_gear_options_are_the_gearconfig_fields():
     assert GEAR_OPTIONS == GearConfig.field_names()
     assert {"method", "bits", "backbone", "group_size", "outlier_ratio", "rank_prompt", "rank_chunk",
-            "power_iters", "buffer_size", "seed", "kernel"} == set(GEAR_OPTIONS)
+            "power_iters", "buffer_size", "seed", "kernel", "key_bits", "value_bits", "lowrank_dtype",
+            "outlier_dtype", "rotation"} == set(GEAR_OPTIONS)
+    assert all(option in GEAR_OPTIONS for codec in CODECS.values() for option in codec.options())
 
 
 def test_command_line_strings_and_numbers_are_parsed():
     config, rest = split_model_args(
-        {"pretrained": "m", "method": "GEAR-L", "bits": "4", "backbone": "kcvt", "group_size": 32,
-         "outlier_ratio": "0.05", "rank_prompt": "8", "rank_chunk": 1, "power_iters": "2",
+        {"pretrained": "m", "method": "GEAR", "bits": "4", "value_bits": "2.0", "lowrank_dtype": "INT8",
+         "backbone": "kcvt", "group_size": 32, "outlier_ratio": "0.05", "rank_prompt": "8", "rank_chunk": 1, "power_iters": "2",
          "buffer_size": "16", "seed": 3, "kernel": "torch", "dtype": "float32", "batch_size": 2}
     )
-    assert config == GearConfig(method="gear-l", bits=4, backbone="kcvt", group_size=32, outlier_ratio=0.05,
-                                rank_prompt=8, rank_chunk=1, power_iters=2, buffer_size=16, seed=3, kernel="torch")
+    assert config == GearConfig(method="gear", bits=4, value_bits=2, lowrank_dtype="int8", backbone="kcvt",
+                                group_size=32, outlier_ratio=0.05, rank_prompt=8, rank_chunk=1, power_iters=2, buffer_size=16, seed=3, kernel="torch")
     assert rest == {"pretrained": "m", "dtype": "float32", "batch_size": 2}
 
 
@@ -48,13 +51,21 @@ def test_hflm_and_from_pretrained_arguments_pass_through():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ({"bits": 5}, "GearConfig.bits=5 is invalid: allowed one of 2, 3, 4, 8"),
+        ({"bits": 5}, "GearConfig.bits=5 is invalid (method 'gear'): allowed one of 2, 3, 4, 8"),
         ({"bits": "two"}, "GearConfig.bits='two' is invalid: allowed a value of type int"),
         ({"method": "gaer"}, "GearConfig.method='gaer' is invalid: allowed one of none, kivi, gear-l, gear"),
         ({"method": None}, "GearConfig.method=None is invalid: allowed one of none, kivi, gear-l, gear"),
-        ({"backbone": "per_token"}, "GearConfig.backbone='per_token' is invalid: allowed one of kivi, kcvt, flexgen"),
-        ({"outlier_ratio": 1.5}, "GearConfig.outlier_ratio=1.5 is invalid: allowed a number in [0, 1)"),
-        ({"group_size": 0}, "GearConfig.group_size=0 is invalid: allowed an integer >= 1"),
+        ({"backbone": "per_token"},
+         "GearConfig.backbone='per_token' is invalid (method 'gear'): allowed one of kivi, kcvt, flexgen"),
+        ({"outlier_ratio": 1.5}, "GearConfig.outlier_ratio=1.5 is invalid (method 'gear'): allowed a number in [0, 1)"),
+        ({"group_size": 0}, "GearConfig.group_size=0 is invalid (method 'gear'): allowed an integer >= 1"),
+        ({"method": "kivi", "rank_prompt": "8"}, "method 'kivi' does not use rank_prompt; it takes bits, backbone, "
+         "group_size, key_bits, value_bits, rotation, buffer_size, seed, kernel"),
+        ({"method": "kivi", "outlier_ratio": 0.1}, "method 'kivi' does not use outlier_ratio; it takes bits, backbone, "
+         "group_size, key_bits, value_bits, rotation, buffer_size, seed, kernel"),
+        ({"method": "gear-l", "outlier_dtype": "fp16"}, "method 'gear-l' does not use outlier_dtype; it takes bits, "
+         "backbone, group_size, key_bits, value_bits, rotation, rank_prompt, rank_chunk, power_iters, "
+         "lowrank_dtype, buffer_size, seed, kernel"),
         ({"buffer_size": 2.5}, "GearConfig.buffer_size=2.5 is invalid: allowed an integer >= 1"),
         ({"kernel": "cuda"}, "GearConfig.kernel='cuda' is invalid: allowed one of auto, triton, torch"),
     ],
@@ -71,7 +82,9 @@ def test_bad_values_name_the_option_and_the_choices(args, message):
     # ambiguous, a typo of a word, names from other KV-cache tools
     ("rank", ["rank_prompt", "rank_chunk"]), ("gear_rank", ["rank_prompt", "rank_chunk"]),
     ("rnak", ["rank_prompt", "rank_chunk"]), ("residual_length", ["buffer_size"]), ("quant_bits", ["bits"]),
-    ("nbits", ["bits"]), ("q_group_size", ["group_size"]), ("keep_outlier", ["outlier_ratio"]),
+    ("nbits", ["bits"]), ("q_group_size", ["group_size"]), ("keep_outlier", ["outlier_ratio", "outlier_dtype"]),
+    ("k_bits", ["key_bits"]), ("v_bits", ["value_bits"]), ("lowrank", ["lowrank_dtype"]),
+    ("outlier", ["outlier_ratio", "outlier_dtype"]),
 ])
 def test_misspelt_gear_options_are_refused(key, hints):
     with pytest.raises(GearConfigError) as err:

@@ -26,10 +26,10 @@ def _pair(arch: str, dtype: torch.dtype, **overrides):
     return plain.to(dtype), packed.to(dtype)
 
 
-def _forced(model, ids, mask, continuation, kernel):
+def _forced(model, ids, mask, continuation, kernel, **options):
     """Logits (batch, steps, vocab) of a left-padded prompt batch, then `continuation` (batch,
     steps) fed one token a step, with the position ids and mask generate() would give."""
-    cache = GearCache(GearConfig(**FORCED, kernel=kernel), model.config, mask)
+    cache = GearCache(GearConfig(**{**FORCED, **options}, kernel=kernel), model.config, mask)
     arg = {cache_kwarg(model): cache}
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = [model(ids, attention_mask=mask, position_ids=positions, use_cache=True, **arg).logits[:, -1]]
@@ -62,6 +62,21 @@ def test_triton_equals_torch_equals_each_prompt_alone(arch, dtype, overrides):
     for b, row in enumerate(rows):
         alone = _forced(plain, row[None], torch.ones(1, len(row), dtype=torch.long), continuation[b : b + 1], "torch")
         assert (alone[0] - torch_path[b]).abs().max() <= TOL[dtype] * scale, f"row {b}"
+
+
+@pytest.mark.parametrize("method", ["kivi", "gear"])
+def test_a_rotated_store_attends_alike_on_both_paths(method):
+    """rotation=hadamard: Triton attends in the rotated basis (query and buffer rotated, output
+    rotated back), the torch path over keys and values rotated back; the same logits."""
+    plain, packed = _pair("llama", torch.float32)
+    ids, mask = left_padded([prompts(1, n, seed=n)[0] for n in (13, 5, 22)])
+    continuation = prompts(3, 11, seed=7)
+    torch_path = _forced(plain, ids, mask, continuation, "torch", method=method, rotation="hadamard")
+    triton_path = _forced(packed, ids, mask, continuation, "triton", method=method, rotation="hadamard")
+    scale = torch_path.abs().max()
+    assert (triton_path - torch_path).abs().max() / scale < TOL[torch.float32]
+    unrotated = _forced(plain, ids, mask, continuation, "torch", method=method)
+    assert (unrotated - torch_path).abs().max() / scale > 100 * TOL[torch.float32]  # the rotation did something
 
 
 def test_packed_scoring_pieces_match_the_torch_path():

@@ -40,7 +40,7 @@ def _requests():
 
 
 def _fidelity(tiny, **options) -> dict:
-    lm = GearHFLM(pretrained=tiny, device="cpu", batch_size=2, fidelity=True, **SMALL, **options)
+    lm = GearHFLM(pretrained=tiny, device="cpu", batch_size=2, fidelity=True, **options)
     gen, choice, rolling = _requests()
     lm.generate_until(gen, disable_tqdm=True)
     lm.loglikelihood(choice, disable_tqdm=True)
@@ -52,7 +52,7 @@ def _fidelity(tiny, **options) -> dict:
 
 
 def test_method_none_is_exactly_the_exact_run(tiny):
-    fidelity = _fidelity(tiny, method="none")
+    fidelity = _fidelity(tiny, method="none", buffer_size=SMALL["buffer_size"])  # none takes no group_size
     overall = fidelity["overall"]
     gen, ll, rolled = overall["generate_until"], overall["loglikelihood"], overall["loglikelihood_rolling"]
     assert gen["requests"] == 4 and gen["tokens"] > 20
@@ -63,7 +63,7 @@ def test_method_none_is_exactly_the_exact_run(tiny):
 
 
 def test_fewer_bits_move_further_from_the_exact_run(tiny):
-    runs = {bits: _fidelity(tiny, method="gear", bits=bits)["overall"] for bits in (8, 4, 2)}
+    runs = {bits: _fidelity(tiny, method="gear", bits=bits, **SMALL)["overall"] for bits in (8, 4, 2)}
     kl = [runs[b]["generate_until"]["tf_kl"] for b in (8, 4, 2)]
     ll = [runs[b]["loglikelihood"]["mean_abs_diff"] for b in (8, 4, 2)]
     rolled = [runs[b]["loglikelihood_rolling"]["mean_abs_diff"] for b in (8, 4, 2)]
@@ -74,7 +74,7 @@ def test_fewer_bits_move_further_from_the_exact_run(tiny):
 
 
 def test_per_task_figures_add_up_to_the_overall_ones(tiny):
-    fidelity = _fidelity(tiny, method="gear", bits=2)
+    fidelity = _fidelity(tiny, method="gear", bits=2, **SMALL)
     overall, tasks = fidelity["overall"], fidelity["per_task"]
     assert sorted(tasks) == ["choice_0", "choice_1", "gen_0", "gen_1", "rolling"]
 

@@ -14,8 +14,17 @@ CONFIGS = [
     GearConfig(method="gear-l", bits=3, backbone="kcvt", group_size=8, buffer_size=12, rank_prompt=3, rank_chunk=1),
     GearConfig(method="kivi", bits=4, backbone="flexgen", group_size=4, buffer_size=8),
     GearConfig(method="gear", bits=8, group_size=16, buffer_size=16, outlier_ratio=0.1, rank_prompt=5),
+    # keys and values of their own widths, int8 low-rank factors, fp16 outliers
+    GearConfig(method="gear", bits=2, value_bits=4, group_size=8, buffer_size=8, lowrank_dtype="int8",
+               outlier_dtype="fp16", outlier_ratio=0.05),
+    GearConfig(method="gear-l", key_bits=3, value_bits=8, backbone="kcvt", buffer_size=12, rank_prompt=3,
+               lowrank_dtype="int8"),
 ]
 PROMPT = (13, 0, 29, 2)  # tokens each row stores (0: a row of padding only; 2: fewer than the rank)
+
+
+def nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
 
 
 def _randn(*shape, seed, dtype=torch.float32):
@@ -30,8 +39,8 @@ def _rows(config, dtype=torch.float32, heads=2, dim=16):
 
 def _chunks(config, n, dtype=torch.float32, heads=2, dim=16):
     size = config.buffer_size
-    return [(compress(_randn(len(PROMPT), heads, size, dim, seed=200 + i, dtype=dtype), config, "key", config.rank_chunk),
-             compress(_randn(len(PROMPT), heads, size, dim, seed=300 + i, dtype=dtype), config, "value", config.rank_chunk))
+    return [(compress(_randn(len(PROMPT), heads, size, dim, seed=200 + i, dtype=dtype), config, "key", config.rank(prompt=False)),
+             compress(_randn(len(PROMPT), heads, size, dim, seed=300 + i, dtype=dtype), config, "value", config.rank(prompt=False)))
             for i in range(n)]
 
 
@@ -68,7 +77,7 @@ def test_dense_is_decompress_bit_for_bit(config, dtype):
     assert torch.equal(keys, _expected(rows, chunks, 0)) and torch.equal(values, _expected(rows, chunks, 1))
 
 
-@pytest.mark.parametrize("config", CONFIGS[:2], ids=lambda c: c.method)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{c.bits}-{c.backbone}")
 def test_the_store_keeps_what_compress_stored(config):
     store, rows, chunks = _store(config)
     stored = sum(t.numel() * t.element_size() for c in [*rows[0], *rows[1]] if c is not None for t in c.tensors().values())
@@ -77,10 +86,11 @@ def test_the_store_keeps_what_compress_stored(config):
     # beyond compress's own tensors: the outlier buckets; prompt outlier indices in the widest
     # type of the rows; zero low-rank columns of rows shorter than the rank, and of empty rows
     extra = sum(part.outlier_bucket.numel() * 4 for part in store.parts() if part.outlier_bucket is not None)
+    lowrank = ("lowrank_a", "lowrank_b", "lowrank_a_scale", "lowrank_b_scale")
     if store.prompt_keys.lowrank_a is not None:
         for side, part in ((0, store.prompt_keys), (1, store.prompt_values)):
-            extra += (part.lowrank_a.numel() + part.lowrank_b.numel()) * 2
-            extra -= sum((c.lowrank_a.numel() + c.lowrank_b.numel()) * 2 for c in rows[side] if c is not None)
+            extra += sum(nbytes(getattr(part, name)) for name in lowrank)
+            extra -= sum(nbytes(getattr(c, name)) for c in rows[side] if c is not None for name in lowrank)
     if store.prompt_keys.outlier_index is not None:
         for side, part in ((0, store.prompt_keys), (1, store.prompt_values)):
             extra += part.outlier_index.numel() * part.outlier_index.element_size()
