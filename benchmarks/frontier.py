@@ -20,13 +20,14 @@ The grid sweeps the project's codecs over bits, groups, ranks and outlier ratios
 are TurboQuant (fused-turboquant's TurboQuantMSE, CPU path, given GEAR's streaming buffer; see
 benchmarks/turboquant_cache.py) and transformers' QuantizedCache with quanto and HQQ. For each
 budget, the pick is the project config with the lowest KL among those storing no more than
-the budget; it is written, with the best peer under the same budget, to `--json`
+the budget (+ SLACK); it is written, with the best peer under the same budget, to `--json`
 (benchmarks/frontier.json), whose `options` build the config with GearConfig.from_options.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -46,16 +47,32 @@ from benchmarks.smollm2 import DEFAULT_DATA_DIR, gsm8k_docs, load_smollm2
 from benchmarks.turboquant_cache import compressed_bits, head_dim, turboquant_cache
 
 BUDGETS = (2.5, 3.0, 3.5, 4.5)
+SLACK = 0.05  # bits a config may store beyond a budget and still fit it (partial groups, index widths)
 BUFFER = 64  # every cache's exact window (GEAR's buffer, the peers' residual length)
 
 
+def _product(**axes) -> list[dict]:
+    """Every combination of the axes' values, as option dicts."""
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
 def project_grid() -> list[dict]:
-    """The project's configs, as the options a user passes (--model_args); defaults left out."""
-    grid = [{"method": "kivi", "bits": b, "group_size": g} for b in (2, 3, 4) for g in (32, 64, 128)]
-    ranks = ((1, 1), (2, 1), (4, 2))
-    grid += [{"method": "gear-l", "bits": b, "rank_prompt": p, "rank_chunk": c} for b in (2, 3) for p, c in ranks]
-    grid += [{"method": "gear", "bits": b, "outlier_ratio": s, "rank_prompt": p, "rank_chunk": c}
-             for b in (2, 3, 4) for s in (0.005, 0.01, 0.02) for p, c in ((1, 1), (4, 2))]
+    """The project's configs, as the options a user passes (--model_args); defaults left out.
+    Only the prompt is compressed along 64 forced tokens (the continuation stays in the buffer),
+    so chunk ranks are set to the prompt's and not swept."""
+    rotations = ("none", "hadamard")
+    grid = _product(method=["kivi"], bits=[2, 3, 4], group_size=[32, 64, 128], rotation=rotations)
+    grid += _product(method=["kivi"], key_bits=[2, 3, 4], value_bits=[2, 3, 4], group_size=[64, 128],
+                     rotation=rotations)
+    grid = [g for g in grid if g.get("key_bits") != g.get("value_bits") or "bits" in g]
+    grid += _product(method=["gear-l"], bits=[2, 3], rank_prompt=[1, 4], lowrank_dtype=["int8"],
+                     group_size=[64, 128], rotation=rotations)
+    grid += _product(method=["gear"], bits=[2, 3], outlier_ratio=[0.005, 0.01], rank_prompt=[0, 2],
+                     lowrank_dtype=["int8"], outlier_dtype=["fp16"], group_size=[128], rotation=rotations)
+    grid += [{"method": "gear", "bits": b} for b in (2, 4)]  # the paper's defaults
+    for g in grid:
+        if "rank_prompt" in g:
+            g["rank_chunk"] = g["rank_prompt"]
     return grid
 
 
@@ -144,17 +161,18 @@ def sweep(model, tokenizer, docs, entries, tokens: int) -> dict[str, dict]:
 
 
 def picks(rows: dict[str, dict], budgets=BUDGETS) -> list[dict]:
-    """Per budget: the project's lowest-KL config storing no more than it, and the best peer
-    (TurboQuant, quanto, HQQ) and the best plain KIVI config under the same budget."""
+    """Per budget: the project's lowest-KL config storing no more than it (+ SLACK), and the best
+    peer (TurboQuant, quanto, HQQ) and the best plain KIVI config (no rotation, one bit width)
+    under the same budget."""
     def best(names):
         return min(names, key=lambda n: rows[n]["kl"], default=None)
 
     out = []
     for budget in budgets:
-        fits = [n for n, r in rows.items() if r["stored_bits"] <= budget]
+        fits = [n for n, r in rows.items() if r["stored_bits"] <= budget + SLACK]
         ours = best([n for n in fits if rows[n]["options"] is not None])
         peer = best([n for n in fits if rows[n]["peer"] is not None])
-        kivi = best([n for n in fits if (rows[n]["options"] or {}).get("method") == "kivi"])
+        kivi = best([n for n in fits if _plain_kivi(rows[n]["options"])])
         entry = {"budget_bits": budget}
         if ours is not None:
             entry |= {"options": rows[ours]["options"], "stored_bits": rows[ours]["stored_bits"],
@@ -164,6 +182,11 @@ def picks(rows: dict[str, dict], budgets=BUDGETS) -> list[dict]:
                 entry[key] = {"name": name, "stored_bits": rows[name]["stored_bits"], "kl": rows[name]["kl"]}
         out.append(entry)
     return out
+
+
+def _plain_kivi(options: dict | None) -> bool:
+    return options is not None and options["method"] == "kivi" and "bits" in options \
+        and options.get("rotation", "none") == "none"
 
 
 def table(rows: dict[str, dict]) -> str:

@@ -7,9 +7,9 @@ buffer flushes (``forcing.buffer_pieces``), so every token sees the cache as in 
 first continuation token is scored by the exact prefill, as the first generated token is.
 
 * :func:`score_one`: one request, one cache: the reference that the tests hold the batched path to;
-* :func:`score_batch`: a batch of requests, one cache: each distinct prompt is prefilled and
-  compressed once (prompts left-padded), its rows repeated for the requests that share it, and
-  all the continuations fed together, right-padded;
+* :func:`score_batch`: a batch of requests, one cache: each distinct prompt is prefilled alone
+  and compressed once (into the batch's cache, left-padded), its rows repeated for the requests
+  that share it, and all the continuations fed together, right-padded;
 * :func:`sharing_collator`: lm-eval's Collator, ordering the requests so that those of one prompt
   (the choices of a multiple-choice doc) land in the same batch.
 
@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from lm_eval.models.utils import Collator
+from transformers import DynamicCache
 
 from .compat import cache_kwarg, last_logits_kwargs
 from .forcing import buffer_pieces, forward_with_cache
@@ -114,6 +115,24 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(dim=-1) - 1).clamp(min=0)
 
 
+def _prefill_alone(model, prompts: list[tuple[int, ...]], width: int):
+    """Each prompt through the model alone -> its next-token logits (prompts, 1, vocab) and, per
+    layer, the prompts' keys and values left-padded with zeros to `width` tokens,
+    ((prompts, kv_heads, width, head_dim), same)."""
+    logits, layers = [], None
+    for prompt in prompts:
+        exact = DynamicCache(config=model.config)
+        ids = torch.tensor([prompt], device=model.device)
+        logits.append(model(ids, use_cache=True, **{cache_kwarg(model): exact}, **last_logits_kwargs(model)).logits[:, -1:])
+        if layers is None:
+            layers = [tuple(t.new_zeros(len(prompts), t.shape[1], width, t.shape[3]) for t in (layer.keys, layer.values))
+                      for layer in exact.layers]
+        row = len(logits) - 1
+        for (keys, values), layer in zip(layers, exact.layers):
+            keys[row, :, width - len(prompt) :], values[row, :, width - len(prompt) :] = layer.keys[0], layer.values[0]
+    return torch.cat(logits), layers
+
+
 @torch.no_grad()
 def score_batch(model, windows: list[Window], make_cache: Callable, softmax_dtype=None,
                 pad_token: int = 0) -> tuple[list[Answer], object]:
@@ -123,12 +142,18 @@ def score_batch(model, windows: list[Window], make_cache: Callable, softmax_dtyp
     prompts = list(dict.fromkeys(w.prompt for w in windows))  # distinct, in order of first use
     index = {p: i for i, p in enumerate(prompts)}
     rows = torch.tensor([index[w.prompt] for w in windows], device=device)  # (rows,) -> its prompt
-    ids, prompt_mask = _padded(prompts, "left", pad_token, device)  # (prompts, P)
+    _, prompt_mask = _padded(prompts, "left", pad_token, device)  # (prompts, P)
+    width = prompt_mask.shape[1]
     cache = make_cache(prompt_mask)
     arg = {cache_kwarg(model): cache}
-    # the prefill: exact attention, then the cache compresses each prompt (its padding stripped)
-    first = model(ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask), use_cache=True,
-                  **arg, **last_logits_kwargs(model)).logits[rows, -1:]  # (rows, 1, vocab)
+    # the prefill: each distinct prompt alone with exact attention, so that its keys and values,
+    # and so what the cache compresses of it, are bitwise those of scoring it alone (in one
+    # padded batch, the model's matrix products round a row's keys otherwise, and a code can
+    # land one step away); the cache then compresses them as a left-padded batch
+    logits, layers = _prefill_alone(model, prompts, width)
+    for i, (keys, values) in enumerate(layers):
+        cache.update(keys, values, i)
+    first = logits[rows]  # (rows, 1, vocab)
     cache.batch_select_indices(rows)  # one row per request from here on
 
     stream, stream_mask = _padded([w.stream for w in windows], "right", pad_token, device)  # (rows, L)
@@ -136,7 +161,7 @@ def score_batch(model, windows: list[Window], make_cache: Callable, softmax_dtyp
     mask = torch.cat([prompt_mask[rows], stream_mask], dim=1)  # (rows, P + L): the whole padded batch
     positions = _positions(mask)
     scores = [token_scores(first, targets[:, :1], softmax_dtype)]
-    start = ids.shape[1]  # stream token t is column start + t of the padded batch
+    start = width  # stream token t is column start + t of the padded batch
     for a, b in buffer_pieces(start, start + stream.shape[1], start, cache.config.buffer_size):
         logits = model(stream[:, a - start : b - start], attention_mask=mask[:, :b], position_ids=positions[:, a:b],
                        use_cache=True, **arg).logits  # (rows, b - a, vocab)
