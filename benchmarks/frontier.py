@@ -64,11 +64,16 @@ def project_grid() -> list[dict]:
     grid = _product(method=["kivi"], bits=[2, 3, 4], group_size=[32, 64, 128], rotation=rotations)
     grid += _product(method=["kivi"], key_bits=[2, 3, 4], value_bits=[2, 3, 4], group_size=[64, 128],
                      rotation=rotations)
-    grid = [g for g in grid if g.get("key_bits") != g.get("value_bits") or "bits" in g]
+    grid = [g for g in grid if g.get("key_bits") != g.get("value_bits") or "bits" in g]  # equal splits: `bits` above
     grid += _product(method=["gear-l"], bits=[2, 3], rank_prompt=[1, 4], lowrank_dtype=["int8"],
                      group_size=[64, 128], rotation=rotations)
     grid += _product(method=["gear"], bits=[2, 3], outlier_ratio=[0.005, 0.01], rank_prompt=[0, 2],
                      lowrank_dtype=["int8"], outlier_dtype=["fp16"], group_size=[128], rotation=rotations)
+    # corrections on key-heavy splits, where the codes alone do best
+    grid += _product(method=["gear-l"], key_bits=[3, 4], value_bits=[2], rank_prompt=[1], lowrank_dtype=["int8"],
+                     group_size=[64, 128], rotation=["hadamard"])
+    grid += _product(method=["gear"], key_bits=[3], value_bits=[2], outlier_ratio=[0.005], rank_prompt=[0, 1],
+                     lowrank_dtype=["int8"], outlier_dtype=["fp16"], group_size=[128], rotation=["hadamard"])
     grid += [{"method": "gear", "bits": b} for b in (2, 4)]  # the paper's defaults
     for g in grid:
         if "rank_prompt" in g:
