@@ -38,13 +38,14 @@ from transformers import DynamicCache, QuantizedCache
 
 from gear_kernels import GearConfig
 from lm_eval_gear import GearCache
+from lm_eval_gear.cache import model_head_dim
 from lm_eval_gear.compat import cache_kwarg
 from lm_eval_gear.fidelity import agreement, exact_run
 from lm_eval_gear.forcing import buffer_pieces
 from lm_eval_gear.tasks.gear_cot import gsm8k_prompt
 from benchmarks.fidelity import stored_bytes
 from benchmarks.smollm2 import DEFAULT_DATA_DIR, gsm8k_docs, load_smollm2
-from benchmarks.turboquant_cache import compressed_bits, head_dim, turboquant_cache
+from benchmarks.turboquant_cache import compressed_bits, turboquant_cache
 
 BUDGETS = (2.5, 3.0, 3.5, 4.5)
 SLACK = 0.05  # bits a config may store beyond a budget and still fit it (partial groups, index widths)
@@ -115,7 +116,7 @@ def bits_stored(cache, model) -> float:
         held = sum(stored_bytes(layer._quantized_keys) + stored_bytes(layer._quantized_values) for layer in cache.layers)
         cfg, layer = model.config, cache.layers[0]
         quantized = layer.cumulative_length - (layer.keys.shape[-2] if layer.keys.dim() == 4 else 0)
-        elements = 2 * len(cache.layers) * cfg.num_key_value_heads * head_dim(cfg) * quantized
+        elements = 2 * len(cache.layers) * cfg.num_key_value_heads * model_head_dim(cfg) * quantized
         return 8 * held / elements
     return compressed_bits(cache)
 

@@ -13,6 +13,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from lm_eval_gear.cache import model_head_dim
+
 
 class TurboQuantLayer(DynamicLayer):
     """keys / values: (batch, kv_heads, tokens, head_dim), the decoded compressed part then the
@@ -45,15 +47,11 @@ class TurboQuantLayer(DynamicLayer):
         self.buffered = 0
 
 
-def head_dim(model_config) -> int:
-    return getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-
-
 def turboquant_cache(model_config, bits: int, buffer_size: int = 64, seed: int = 42) -> DynamicCache:
     """A DynamicCache whose layers are TurboQuantLayers (one seeded rotation for the model)."""
     from fused_turboquant.core.quantizer import TurboQuantMSE
 
-    quantizer = TurboQuantMSE(head_dim=head_dim(model_config), bits=bits, seed=seed, device="cpu")
+    quantizer = TurboQuantMSE(head_dim=model_head_dim(model_config), bits=bits, seed=seed, device="cpu")
     cache = DynamicCache(config=model_config)
     cache.layers = [TurboQuantLayer(quantizer, buffer_size) for _ in cache.layers]
     return cache

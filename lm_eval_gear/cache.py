@@ -353,7 +353,7 @@ class GearCache(Cache):
                  attention_mask: torch.Tensor | None = None):
         self.config = _as_config(config)
         if model_config is not None and _rotation(self.config) == "hadamard":
-            check_head_dim(_head_dim(model_config))  # now, rather than at the first forward
+            check_head_dim(model_head_dim(model_config))  # now, rather than at the first forward
         self.pad_len = _mask_pads(attention_mask)
         self.packed_attention = uses_gear_attention(model_config)
         if model_config is None:
@@ -442,7 +442,8 @@ def _rotation(config: GearConfig) -> str:
     return getattr(config.codec, "rotation", "none")
 
 
-def _head_dim(model_config) -> int:
+def model_head_dim(model_config) -> int:
+    """The attention head size a model's config declares (its text config's, for multimodal ones)."""
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
