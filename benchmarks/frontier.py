@@ -2,6 +2,7 @@
 
     python -m benchmarks.frontier --questions 8 --tokens 64 --plot benchmarks/frontier.png
     python -m benchmarks.frontier --pretrained PATH_OR_HUB_ID   # the same sweep on your model
+    python -m benchmarks.frontier --recheck benchmarks/frontier.json --first 8   # the picks, other prompts
     python -m benchmarks.frontier --smoke                       # a few configs, seconds
 
 Every config runs in one process on the same prompts (GSM8K test questions behind the paper's
@@ -22,6 +23,8 @@ benchmarks/turboquant_cache.py) and transformers' QuantizedCache with quanto and
 budget, the pick is the project config with the lowest KL among those storing no more than
 the budget (+ SLACK); it is written, with the best peer under the same budget, to `--json`
 (benchmarks/frontier.json), whose `options` build the config with GearConfig.from_options.
+`--recheck benchmarks/frontier.json --first 8` measures those picks again on other prompts,
+beside the peers and the best plain KIVI configs, and tables them the same way.
 """
 
 from __future__ import annotations
@@ -76,6 +79,12 @@ def project_grid() -> list[dict]:
     grid += _product(method=["gear"], key_bits=[3], value_bits=[2], outlier_ratio=[0.005], rank_prompt=[0, 1],
                      lowrank_dtype=["int8"], outlier_dtype=["fp16"], group_size=[128], rotation=["hadamard"])
     grid += [{"method": "gear", "bits": b} for b in (2, 4)]  # the paper's defaults
+    # the first tokens kept exact (attention sinks), on the best codes-only configs and corrections
+    grid += _product(method=["kivi"], bits=[2, 3, 4], group_size=[64, 128], rotation=["hadamard"], sink_tokens=[4])
+    grid += _product(method=["kivi"], key_bits=[3, 4], value_bits=[2], group_size=[64, 128], rotation=["hadamard"],
+                     sink_tokens=[4])
+    grid += _product(method=["gear"], bits=[2], outlier_ratio=[0.005], rank_prompt=[0, 1], lowrank_dtype=["int8"],
+                     outlier_dtype=["fp16"], group_size=[128], rotation=["none", "hadamard"], sink_tokens=[4])
     for g in grid:
         if "rank_prompt" in g:
             g["rank_chunk"] = g["rank_prompt"]
@@ -166,17 +175,17 @@ def sweep(model, tokenizer, docs, entries, tokens: int) -> dict[str, dict]:
 # ------------------------------------------------------------------ picks and output
 
 
-def picks(rows: dict[str, dict], budgets=BUDGETS) -> list[dict]:
-    """Per budget: the project's lowest-KL config storing no more than it (+ SLACK), and the best
-    peer (TurboQuant, quanto, HQQ) and the best plain KIVI config (no rotation, one bit width)
-    under the same budget."""
+def picks(rows: dict[str, dict], budgets=BUDGETS, chosen: dict[float, str] | None = None) -> list[dict]:
+    """Per budget: the project's lowest-KL config storing no more than it (+ SLACK), or the one
+    `chosen` names for it (a recheck), and the best peer (TurboQuant, quanto, HQQ) and the best
+    plain KIVI config (no rotation, one bit width) under the same budget."""
     def best(names):
         return min(names, key=lambda n: rows[n]["kl"], default=None)
 
     out = []
     for budget in budgets:
         fits = [n for n, r in rows.items() if r["stored_bits"] <= budget + SLACK]
-        ours = best([n for n in fits if rows[n]["options"] is not None])
+        ours = best([n for n in fits if rows[n]["options"] is not None]) if chosen is None else chosen.get(budget)
         peer = best([n for n in fits if rows[n]["peer"] is not None])
         kivi = best([n for n in fits if _plain_kivi(rows[n]["options"])])
         entry = {"budget_bits": budget}
@@ -188,6 +197,20 @@ def picks(rows: dict[str, dict], budgets=BUDGETS) -> list[dict]:
                 entry[key] = {"name": name, "stored_bits": rows[name]["stored_bits"], "kl": rows[name]["kl"]}
         out.append(entry)
     return out
+
+
+def rechecked(frontier: dict) -> tuple[list[dict], dict[float, str]]:
+    """A frontier JSON -> (its picks' and best plain KIVI configs' options, budget -> pick label)."""
+    grid, chosen = [], {}
+    for budget in frontier["budgets"]:
+        if "options" not in budget:
+            continue
+        chosen[budget["budget_bits"]] = label(budget["options"])
+        kivi = budget.get("best_plain_kivi")
+        for options in (budget["options"], None if kivi is None else frontier["rows"][kivi["name"]]["options"]):
+            if options is not None and options not in grid:
+                grid.append(options)
+    return grid, chosen
 
 
 def _plain_kivi(options: dict | None) -> bool:
@@ -269,21 +292,27 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="write the KL-against-bits plot (PNG) here")
     parser.add_argument("--json", type=Path, help="where the picks go (default benchmarks/frontier.json; none with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="two configs and two peers, on one short run")
+    parser.add_argument("--recheck", type=Path, help="re-measure the picks of this frontier JSON (and its best plain "
+                        "KIVI configs, beside every peer) on the prompts given, e.g. --first 8")
     args = parser.parse_args()
     if args.smoke:
         args.questions, args.tokens = 1, 8
     model, tokenizer = load_model(args.pretrained)
     docs = gsm8k_docs(args.data, args.first + args.questions)[args.first :]
-    entries = (SMOKE_GRID + list(SMOKE_PEERS)) if args.smoke else (project_grid() + list(PEERS))
+    grid, peers = (SMOKE_GRID, SMOKE_PEERS) if args.smoke else (project_grid(), PEERS)
+    earlier = None
+    if args.recheck is not None:
+        grid, earlier = rechecked(json.loads(args.recheck.read_text()))
+    entries = grid + list(peers)
     began = time.perf_counter()
     rows = sweep(model, tokenizer, docs, entries, args.tokens)
-    chosen = picks(rows)
+    chosen = picks(rows, chosen=earlier)
     name = args.pretrained or "SmolLM2-135M-Instruct (embedded)"
     print(f"\n{name}, fp32, GSM8K questions {args.first + 1}-{args.first + len(docs)} (8-shot prompts), "
           f"{args.tokens} forced tokens, buffer {BUFFER}, torch {torch.__version__}, "
           f"{time.perf_counter() - began:.0f} s\n")
     print(table(rows) + "\n\n" + picks_table(chosen))
-    if args.json is None and not args.smoke:
+    if args.json is None and not args.smoke and args.recheck is None:
         args.json = Path(__file__).with_name("frontier.json")
     if args.json is not None:
         args.json.write_text(json.dumps({"model": name, "questions": [args.first, args.first + len(docs)],

@@ -2,8 +2,8 @@
 
 A layer's cache is its KVStore (store.py: the prompt rows, varlen, then the streamed chunks),
 then the exact buffer k_buf / v_buf (batch, kv_heads, n_buf, head_dim) of the latest tokens.
-Row b attends to its own stored prompt tokens (its left padding was never stored), every
-streamed chunk, then the buffer; the store must hold everything from position 0 (a layer
+Row b attends to its own stored prompt tokens (its left padding was never stored; its sinks,
+kept exact, first), every streamed chunk, then the buffer; the store must hold everything from position 0 (a layer
 whose sliding window dropped tokens attends through the model's own mask instead).
 
 Attention for query heads q (batch, q_heads, q_len, head_dim), q_heads = kv_heads * ratio
@@ -93,10 +93,19 @@ def check_decode_inputs(q: torch.Tensor, store: KVStore | None, k_buf: torch.Ten
         if (store.prompt_keys is None) != (store.prompt_values is None) or \
                 (store.stream_keys is None) != (store.stream_values is None):
             raise ValueError("the store must hold keys and values alike")
-        if store.prompt_keys is not None:
+        if store.sinks is not None:
+            sinks = store.sinks.keys
+            if (sinks.shape[-1], sinks.dtype, sinks.device) != (head_dim, q.dtype, q.device) or \
+                    store.sinks.values.shape != sinks.shape:
+                raise ValueError(f"the store's sinks {tuple(sinks.shape)} ({sinks.dtype} on {sinks.device}) do not fit "
+                                 f"q {tuple(q.shape)} ({q.dtype} on {q.device})")
+            if kv_heads is not None and sinks.shape[1] != kv_heads:
+                raise ValueError(f"the store's sinks have {sinks.shape[1]} kv heads, the rest {kv_heads}")
+            kv_heads = sinks.shape[1]
+        if store.has_prompt:
             prompt_tokens = store.prompt_end - store.prompt_start
-            if not torch.equal(store.prompt_keys.lengths, store.prompt_values.lengths):
-                raise ValueError("the prompt's keys and values hold different rows")
+        if store.prompt_keys is not None and not torch.equal(store.prompt_keys.lengths, store.prompt_values.lengths):
+            raise ValueError("the prompt's keys and values hold different rows")
         if store.stream_keys is not None:
             stream_tokens = store.stream_keys.codes.shape[2]
             if store.stream_values.codes.shape[2] != stream_tokens:
@@ -108,6 +117,21 @@ def check_decode_inputs(q: torch.Tensor, store: KVStore | None, k_buf: torch.Ten
     if q_len > n_buf and q_len > 1:
         raise ValueError(f"{q_len} queries need their own tokens in the buffer, which holds {n_buf}")
     return DecodeProblem(batch, kv_heads, q_heads, q_len, head_dim, n_buf, prompt_tokens, stream_tokens)
+
+
+def sinks_before_buffer(store: KVStore, k_buf: torch.Tensor | None, v_buf: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The store's sinks (B, H, n, D) ahead of the exact buffer: K and V (B, H, n + n_buf, D) and
+    (B,) slots to skip at each row's front (a row with fewer sinks has empty slots there).
+
+    Attention is the same over keys in any order, and every sink precedes every query, so the
+    Triton path reads the sinks as the buffer's first tokens.
+    """
+    sinks = store.sinks
+    lead = sinks.keys.shape[2] - sinks.counts
+    if k_buf is None:
+        return sinks.keys, sinks.values, lead
+    return torch.cat([sinks.keys, k_buf], dim=-2), torch.cat([sinks.values, v_buf], dim=-2), lead
 
 
 def decode_attention_torch(q: torch.Tensor, store: KVStore | None, k_buf: torch.Tensor | None,
@@ -129,7 +153,7 @@ def decode_attention_torch(q: torch.Tensor, store: KVStore | None, k_buf: torch.
     pos = torch.arange(total, device=q.device)
     visible = torch.ones(batch, 1, total, dtype=torch.bool, device=q.device)
     if p.prompt_tokens:  # the positions before a row's first stored prompt token hold nothing
-        lead = (p.prompt_tokens - store.prompt_keys.lengths).to(q.device)  # (batch,)
+        lead = (p.prompt_tokens - store.prompt_lengths()).to(q.device)  # (batch,)
         visible = visible & ~(pos[None, None, :] < lead[:, None, None])
     # query i (of q_len) is the buffer's token n_buf - q_len + i and sees positions up to it
     query = torch.arange(p.ratio * q_len, device=q.device) % q_len

@@ -1,8 +1,10 @@
 """One layer's compressed K and V, as a cache holds them and attention reads them.
 
-A layer's compressed tokens come in two parts, in position order (DESIGN.md section 6):
+A layer's stored tokens come in these parts, in position order (DESIGN.md section 6):
 
-- the prompt, compressed once after prefill row by row, each row without its left padding
+- optionally each row's first prompt tokens, kept exact (a SinkPart: attention sinks,
+  sink_tokens);
+- the rest of the prompt, compressed once after prefill row by row, each row without its left padding
   (and, in a sliding-window layer, without what the window can no longer see): a PromptPart
   packs the rows back to back on one token axis, row b holding tokens [cu[b], cu[b + 1]), as
   flash-attn's varlen interface does with cu_seqlens;
@@ -37,6 +39,7 @@ COMPONENTS = {  # as CompressedChunk.COMPONENTS, plus the outliers' bucket offse
     "outliers": ("outlier_values", "outlier_index", "outlier_bucket"),
     "lowrank": ("lowrank_a", "lowrank_b", "lowrank_a_scale", "lowrank_b_scale"),
 }
+STORED = (*COMPONENTS, "sinks")  # what a KVStore's nbytes() reports
 # Outliers are bucketed by BUCKET tokens when they are stored: a decode tile (a multiple of
 # BUCKET tokens, at a multiple of BUCKET) finds its outliers at two offsets, with no search.
 BUCKET = 16
@@ -238,6 +241,53 @@ class PromptPart:
 
 
 @dataclass
+class SinkPart:
+    """Each row's first prompt tokens, kept exact (sink_tokens): K and V in the model dtype.
+
+    counts (B,) on the CPU: row b keeps its first counts[b] held prompt tokens here (fewer than n
+    when its prompt is shorter); they sit right before its compressed prompt tokens.
+    keys, values (B, H, n, D), row b's tokens in its last counts[b] slots, zeros before (stored
+    and counted: a uniform width lets attention read the sinks with the buffer).
+    """
+
+    counts: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @classmethod
+    def from_rows(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> SinkPart:
+        """One (1, H, count, D) tensor of keys and of values per row (count 0 for a row without tokens)."""
+        n = max(k.shape[2] for k in keys)
+        right = lambda t: torch.nn.functional.pad(t, (0, 0, n - t.shape[2], 0))  # noqa: E731
+        counts = torch.tensor([k.shape[2] for k in keys], dtype=torch.long)
+        return cls(counts, torch.cat([right(k) for k in keys]), torch.cat([right(v) for v in values]))
+
+    def slots(self, after: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, slot, position) of every kept token, in a region of `tokens` positions where row
+        b holds after[b] (B,) compressed tokens behind its sinks, at the region's end."""
+        n = self.keys.shape[2]
+        slot = torch.arange(n)
+        kept = slot[None, :] >= n - self.counts[:, None]  # (B, n)
+        row, s = kept.nonzero(as_tuple=True)
+        return row, s, tokens - after[row] - n + s
+
+    def placed(self, keys: torch.Tensor, values: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys, values (B, H, tokens, D) of the prompt region with the sinks written in (copies)."""
+        row, s, pos = (t.to(keys.device) for t in self.slots(after, keys.shape[2]))
+        keys, values = keys.clone(), values.clone()
+        keys[row, :, pos] = self.keys[row, :, s]
+        values[row, :, pos] = self.values[row, :, s]
+        return keys, values
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+
+    def select_rows(self, index: torch.Tensor) -> SinkPart:
+        dev = index.to(self.keys.device)
+        return SinkPart(self.counts[index.cpu()], self.keys.index_select(0, dev), self.values.index_select(0, dev))
+
+
+@dataclass
 class StreamPart:
     """Streamed chunks of K (or V): n chunks of S tokens each, of all B rows, in order.
 
@@ -368,9 +418,9 @@ class StreamPart:
 class KVStore:
     """One layer's compressed keys and values, with the positions they sit at.
 
-    The prompt part covers positions [prompt_start, prompt_end), each row its last tokens in
-    there, the stream part [prompt_end + dropped * S, ...), S = its chunk_tokens; the cache's
-    exact buffer follows. A sliding-window layer drops the prompt, then whole chunks, as they
+    The prompt covers positions [prompt_start, prompt_end), each row its last tokens in there:
+    its sinks (kept exact, sink_tokens) then its compressed tokens; the stream part [prompt_end
+    + dropped * S, ...), S = its chunk_tokens; the cache's exact buffer follows. A sliding-window layer drops the prompt, then whole chunks, as they
     leave the window. Immutable, like its parts: appending or dropping makes a new store, so
     one handed to attention is not changed under it by the flush that follows.
     """
@@ -383,22 +433,38 @@ class KVStore:
     stream_keys: StreamPart | None = None
     stream_values: StreamPart | None = None
     dropped: int = 0  # streamed chunks dropped from the front
+    sinks: SinkPart | None = None
 
     @property
     def chunks(self) -> int:
         return 0 if self.stream_keys is None else self.stream_keys.chunks
 
+    @property
+    def has_prompt(self) -> bool:
+        return self.prompt_keys is not None or self.sinks is not None
+
+    def prompt_lengths(self) -> torch.Tensor:
+        """(B,) prompt tokens each row holds (sinks and compressed), on the CPU."""
+        held = torch.zeros(self.batch, dtype=torch.long)
+        for counts in (None if self.prompt_keys is None else self.prompt_keys.lengths,
+                       None if self.sinks is None else self.sinks.counts):
+            held = held if counts is None else held + counts
+        return held
+
     def offset(self, chunk_tokens: int) -> int:
         """The first position held (0 unless a sliding window dropped older tokens)."""
-        if self.prompt_keys is not None:
+        if self.has_prompt:
             return self.prompt_start
         return self.prompt_end + self.dropped * chunk_tokens
 
-    def with_prompt(self, keys: list[CompressedChunk | None], values: list[CompressedChunk | None]) -> KVStore:
-        """This store with the prompt rows' chunks (batch-1, None for a row without tokens)."""
+    def with_prompt(self, keys: list[CompressedChunk | None], values: list[CompressedChunk | None],
+                    sinks: SinkPart | None = None) -> KVStore:
+        """This store with the prompt rows' chunks (batch-1, None for a row without tokens) and,
+        kept exact before them, their sinks."""
         if all(k is None for k in keys):
-            return self.without_prompt()
-        return replace(self, prompt_keys=PromptPart.from_rows(keys), prompt_values=PromptPart.from_rows(values))
+            return self.without_prompt() if sinks is None else replace(self, sinks=sinks)
+        return replace(self, prompt_keys=PromptPart.from_rows(keys), prompt_values=PromptPart.from_rows(values),
+                       sinks=sinks)
 
     def appended(self, keys: CompressedChunk, values: CompressedChunk) -> KVStore:
         """This store with one more streamed chunk (batch, H, S, D) of keys and of values."""
@@ -407,7 +473,7 @@ class KVStore:
         return replace(self, stream_keys=self.stream_keys.append(keys), stream_values=self.stream_values.append(values))
 
     def without_prompt(self) -> KVStore:
-        return replace(self, prompt_keys=None, prompt_values=None, prompt_start=self.prompt_end)
+        return replace(self, prompt_keys=None, prompt_values=None, sinks=None, prompt_start=self.prompt_end)
 
     def without_chunks(self, n: int) -> KVStore:
         """This store without its first n streamed chunks."""
@@ -423,9 +489,10 @@ class KVStore:
     def dense(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Keys and values (B, H, held, D) from offset() to the buffer, or None when nothing is held."""
         keys, values = [], []
-        if self.prompt_keys is not None:
-            keys.append(self.prompt_keys.dense(self.prompt_start, self.prompt_end))
-            values.append(self.prompt_values.dense(self.prompt_start, self.prompt_end))
+        if self.has_prompt:
+            keys_p, values_p = self._prompt_dense()
+            keys.append(keys_p)
+            values.append(values_p)
         if self.stream_keys is not None:
             keys.append(self.stream_keys.dense())
             values.append(self.stream_values.dense())
@@ -433,21 +500,40 @@ class KVStore:
             return None, None
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
 
+    def _prompt_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, prompt_end - prompt_start, D) of the prompt, sinks in place."""
+        if self.prompt_keys is not None:
+            keys = self.prompt_keys.dense(self.prompt_start, self.prompt_end)
+            values = self.prompt_values.dense(self.prompt_start, self.prompt_end)
+        if self.sinks is None:
+            return keys, values
+        if self.prompt_keys is None:  # every row's prompt is all sinks
+            batch, heads, _, dim = self.sinks.keys.shape
+            keys = values = self.sinks.keys.new_zeros(batch, heads, self.prompt_end - self.prompt_start, dim)
+            after = torch.zeros(batch, dtype=torch.long)
+        else:
+            after = self.prompt_keys.lengths
+        return self.sinks.placed(keys, values, after)
+
     def parts(self) -> list:
         return [p for p in (self.prompt_keys, self.prompt_values, self.stream_keys, self.stream_values) if p is not None]
 
     def nbytes(self) -> dict[str, int]:
-        total = dict.fromkeys(COMPONENTS, 0)
+        """Bytes stored by component: COMPONENTS', then the sinks'."""
+        total = dict.fromkeys(STORED, 0)
         for part in self.parts():
             for name, size in part.nbytes().items():
                 total[name] += size
+        total["sinks"] = 0 if self.sinks is None else self.sinks.nbytes()
         return total
 
     def elements(self) -> int:
-        """K and V scalars held compressed."""
-        prompt = 0 if self.prompt_keys is None else int(self.prompt_keys.lengths.sum())
+        """K and V scalars the store holds (sinks included)."""
+        prompt = int(self.prompt_lengths().sum())
         stream = 0 if self.stream_keys is None else self.stream_keys.codes.shape[0] * self.stream_keys.codes.shape[2]
         heads_dim = next((p.codes.shape[-3] * p.head_dim for p in self.parts()), 0)
+        if self.sinks is not None:
+            heads_dim = self.sinks.keys.shape[1] * self.sinks.keys.shape[3]
         return 2 * (prompt + stream) * heads_dim
 
     def select_rows(self, index: torch.Tensor) -> KVStore:
@@ -457,4 +543,6 @@ class KVStore:
             kwargs.update(prompt_keys=self.prompt_keys.select_rows(index), prompt_values=self.prompt_values.select_rows(index))
         if self.stream_keys is not None:
             kwargs.update(stream_keys=self.stream_keys.select_rows(index), stream_values=self.stream_values.select_rows(index))
+        if self.sinks is not None:
+            kwargs.update(sinks=self.sinks.select_rows(index))
         return replace(self, batch=len(index), **kwargs)

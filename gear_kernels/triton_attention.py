@@ -9,8 +9,9 @@ Two launches a call, whatever the batch, its padding and the number of chunks he
 1. `_attend_kernel`, grid (rows x J work items, kv heads x query-row blocks). A row's work
    items are, in order, JP splits of its prompt tokens (varlen: the row's own tokens only, so
    left padding costs nothing and needs no mask), JS splits of the streamed chunks (whole
-   chunks each) and JB splits of the exact buffer; an item past the end of its row's tokens
-   writes an empty state. All query heads of a GQA group, times all q_len queries, are the rows
+   chunks each) and JB splits of the exact buffer, the store's sinks first (exact too; a row
+   starts past its empty sink slots); an item past the end of its row's tokens writes an
+   empty state. All query heads of a GQA group, times all q_len queries, are the rows
    of one program, so a K/V tile is read once per kv head and never repeated. Everything is
    held transposed (tokens or channels x query rows) so that the tensor-core M dimension is the
    tile's tokens or channels, which the warps split, not 16 padded query rows every warp holds.
@@ -53,7 +54,7 @@ import triton
 import triton.language as tl
 
 from . import triton_device as td
-from .attention_reference import check_decode_inputs
+from .attention_reference import check_decode_inputs, sinks_before_buffer
 from .packing import CODES_PER_WORD
 from .store import BUCKET, KVStore, PromptPart, StreamPart
 from .triton_device import pow2 as _pow2
@@ -274,8 +275,8 @@ def _attend_kernel(
     skc, sks, skz, ska, skb, skoi, skov, skbk, skas, skbs,
     svc, svs, svz, sva, svb, svoi, svov, svbk, svas, svbs,
     NC, S, SNG_K, SNG_V, S_OUT_K, sk_r, sv_r, sk_g, sv_g,
-    # exact buffer (batch, kv_heads, n_buf, D), last dim contiguous
-    kbuf, vbuf, bk_sb, bk_sh, bk_st, bv_sb, bv_sh, bv_st, NBUF,
+    # exact buffer (batch, kv_heads, n_buf, D), last dim contiguous; row b's starts at its b_lead[b]
+    kbuf, vbuf, bk_sb, bk_sh, bk_st, bv_sb, bv_sh, bv_st, NBUF, b_lead,
     D, K_W, V_W, H, QH, QL, RATIO, M, NRB, J, JP, JS, SPLIT_P, SPLIT_C, SPLIT_B, scale_log2,
     K_BITS: tl.constexpr, K_PW: tl.constexpr, K_PC: tl.constexpr, K_MODE: tl.constexpr, K_OUT: tl.constexpr,
     V_BITS: tl.constexpr, V_PW: tl.constexpr, V_PC: tl.constexpr, V_MODE: tl.constexpr, V_OUT: tl.constexpr,
@@ -359,9 +360,10 @@ def _attend_kernel(
         t_lo = (j - JP - JS) * SPLIT_B
         t_hi = tl.minimum(t_lo + SPLIT_B, NBUF)
         cols = tl.arange(0, BLOCK_N)
+        lead = tl.load(b_lead + b)
         for t0 in range(t_lo, t_hi, BLOCK_N):
             tok = t0 + cols
-            t_ok = tok < t_hi
+            t_ok = (tok < t_hi) & (tok >= lead)
             kv_ok = t_ok[:, None] & d_ok[None, :]
             k = tl.load(kbuf + b.to(tl.int64) * bk_sb + h * bk_sh + tok[:, None] * bk_st + d[None, :], mask=kv_ok, other=0.0)
             s = tl.dot(k.to(DOT), q_t, input_precision=PREC)
@@ -493,6 +495,10 @@ def decode_attention_triton(
     """
     p = check_decode_inputs(q, store, k_buf, v_buf, scale)
     dev = q.device
+    lead = torch.zeros(p.batch, dtype=torch.int64)  # (batch,) buffer slots a row skips
+    if store is not None and store.sinks is not None:
+        k_buf, v_buf, lead = sinks_before_buffer(store, k_buf, v_buf)
+    n_buf = 0 if k_buf is None else k_buf.shape[2]
     td.check_device(dev)
     assert block_n is None or (block_n >= BUCKET and block_n == _pow2(block_n)), \
         f"block_n: a power of two >= {BUCKET}"
@@ -538,16 +544,16 @@ def decode_attention_triton(
     if split_tokens is not None:
         per = split_tokens
     elif small:
-        per = max(longest, n_chunks * chunk_tokens, p.n_buf, 1)
+        per = max(longest, n_chunks * chunk_tokens, n_buf, 1)
     else:
         wanted = TUNING["programs_per_sm"] * td.num_sms(dev)
-        per = triton.cdiv(longest + n_chunks * chunk_tokens + p.n_buf, max(1, wanted // programs))
+        per = triton.cdiv(longest + n_chunks * chunk_tokens + n_buf, max(1, wanted // programs))
     split_p = max(block_n, triton.cdiv(per, block_n) * block_n)
     split_c = max(1, per // chunk_tokens)
     split_b = split_p
     jp = triton.cdiv(longest, split_p) if prompt_k is not None else 0
     js = triton.cdiv(n_chunks, split_c)
-    jb = triton.cdiv(p.n_buf, split_b)
+    jb = triton.cdiv(n_buf, split_b)
     n_work = jp + js + jb
 
     # per-row offsets of the prompt part (int64 on the device)
@@ -611,7 +617,7 @@ def decode_attention_triton(
         *sk, *sv,
         n_chunks, chunk_tokens, sk_i["ng"], sv_i["ng"], sk_i["n_out"], sk_i["rank"], sv_i["rank"],
         sk_i["group"], sv_i["group"],
-        kb_, vb_, *buf_strides, p.n_buf,
+        kb_, vb_, *buf_strides, n_buf, lead.to(dev, torch.int64),
         p.head_dim, k_w, v_w, p.kv_heads, p.q_heads, p.q_len, p.ratio, rows_total, nrb, n_work, jp, js,
         split_p, split_c, split_b, float(scale) * LOG2E,
         K_BITS=k_bits, K_PW=CODES_PER_WORD[k_bits], K_PC=k_pc, K_MODE=k_mode, K_OUT=has_out,

@@ -75,7 +75,7 @@ def gear_attention(module, query, key, value, attention_mask, dropout=0.0, scali
             f"{tuple(key.shape)}; the GearCache and the model's layers disagree"
         )
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise ValueError("GEAR's packed attention supports neither logit soft-capping nor attention sinks; use kernel=torch")
+        raise ValueError("GEAR's packed attention supports neither logit soft-capping nor learned sink logits (s_aux); use kernel=torch")
     if packed.check_padding:
         _check_padding(attention_mask, packed.store, seq_len)
     scale = module.scaling if scaling is None else scaling
@@ -91,12 +91,12 @@ def gear_attention(module, query, key, value, attention_mask, dropout=0.0, scali
 def _check_padding(attention_mask, store: KVStore, seq_len: int) -> None:
     """Refuse a batch whose mask pads rows the cache does not know are padded (its prompt was
     compressed with the pads in it). Once a layer: it reads the mask back from the device."""
-    if attention_mask is None or store.prompt_keys is None:
+    if attention_mask is None or not store.has_prompt:
         return
     last = attention_mask[:, 0, -1, -seq_len:]  # (batch, kv) what the newest query may see
     hidden = ~last if last.dtype == torch.bool else last < 0
     leading = (hidden.long().cumprod(dim=-1)).sum(dim=-1).cpu()  # masked positions before the first visible
-    pads = store.prompt_end - store.prompt_keys.lengths
+    pads = store.prompt_end - store.prompt_lengths()
     if bool((leading > pads).any()):
         raise ValueError(
             "the attention mask pads rows that the GearCache compressed as tokens: build the cache with "

@@ -3,7 +3,8 @@
 Each attention layer keeps, in one packed store (gear_kernels.store.KVStore),
 - the prompt, compressed once right after prefill (prefill attention itself saw exact K/V),
   each batch row on its own with its left padding stripped, so padding enters no statistic and
-  a sequence stores the same bytes alone or inside a padded batch;
+  a sequence stores the same bytes alone or inside a padded batch; with sink_tokens=n, each
+  row's first n tokens are kept exact instead (attention sinks);
 - streamed chunks: every `buffer_size` generated tokens, compressed together as one chunk;
 and beside the store the buffer: the latest generated tokens, exact. Attention sees the
 store's tokens followed by the buffer: on the Triton path it reads the store itself
@@ -30,7 +31,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 from gear_kernels import GearConfig, decompress, resolve_kernel
 from gear_kernels.dispatch import compress
 from gear_kernels.rotation import check_head_dim, hadamard_signs, rotate, unrotate
-from gear_kernels.store import KVStore
+from gear_kernels.store import KVStore, SinkPart
 
 from .attention import PackedKV, hand_over, uses_gear_attention
 
@@ -187,14 +188,18 @@ class GearLayer(CacheLayerMixin):
         one chunk, so padding enters no statistic; the rows' chunks then go to the store."""
         end = keys.shape[-2]
         store = KVStore(batch=keys.shape[0], prompt_start=self._first_visible(end), prompt_end=end)
-        rank = self.config.rank(prompt=True)
-        rows_k, rows_v = [], []
+        rank, n_sinks = self.config.rank(prompt=True), self.config.sink_tokens
+        rows_k, rows_v, sinks_k, sinks_v = [], [], [], []
         for row, pad in enumerate(self.pad_len.tolist()):
             start = max(pad, store.prompt_start)
-            k, v = keys[row : row + 1, :, start:], values[row : row + 1, :, start:]
-            rows_k.append(None if start == end else self._compress(k, "key", rank))
-            rows_v.append(None if start == end else self._compress(v, "value", rank))
-        self.store = store.with_prompt(rows_k, rows_v)
+            cut = min(start + n_sinks, end)  # [start, cut) kept exact, the rest compressed
+            sinks_k.append(self._rotated(keys[row : row + 1, :, start:cut]))
+            sinks_v.append(self._rotated(values[row : row + 1, :, start:cut]))
+            k, v = keys[row : row + 1, :, cut:], values[row : row + 1, :, cut:]
+            rows_k.append(None if cut == end else self._compress(k, "key", rank))
+            rows_v.append(None if cut == end else self._compress(v, "value", rank))
+        sinks = SinkPart.from_rows(sinks_k, sinks_v) if n_sinks and any(k.shape[2] for k in sinks_k) else None
+        self.store = store.with_prompt(rows_k, rows_v, sinks)
         self.decoded = None if self.reads_packed else self._restored(self.store.dense())
 
     def _flush_full_buffer(self) -> None:
@@ -216,7 +221,12 @@ class GearLayer(CacheLayerMixin):
 
     def _compress(self, x: torch.Tensor, kind: str, rank: int):
         """x (batch, kv_heads, tokens, head_dim) -> its compressed chunk, rotated first if configured."""
-        return compress(x if self.rotation is None else rotate(x, self.rotation), self.config, kind, rank)
+        return compress(self._rotated(x), self.config, kind, rank)
+
+    def _rotated(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the basis the store holds (rotated if configured; sinks too, so that attention
+        reads one basis)."""
+        return x if self.rotation is None else rotate(x, self.rotation)
 
     def _restored(self, kv: tuple) -> tuple:
         """Keys and values rebuilt from the store, rotated back (None stays None)."""
@@ -231,7 +241,7 @@ class GearLayer(CacheLayerMixin):
     def _evict(self, first_visible: int) -> None:
         """Drop the prompt, then whole chunks, once no future query can see any of their tokens."""
         before = self.offset()
-        if self.store.prompt_keys is not None and self.store.prompt_end <= first_visible:
+        if self.store.has_prompt and self.store.prompt_end <= first_visible:
             self.store = self.store.without_prompt()
         old = 0
         while old < self.store.chunks and self._chunk_end(self.store.dropped + old) <= first_visible:
@@ -412,7 +422,7 @@ class GearCache(Cache):
         }
 
 
-COMPONENTS = ("codes", "scales", "outliers", "lowrank", "buffer")
+COMPONENTS = ("codes", "scales", "outliers", "lowrank", "sinks", "buffer")
 
 
 def _layer_report(layer: CacheLayerMixin) -> dict:

@@ -19,7 +19,7 @@ from gear_kernels.chunk import lowrank_product
 from gear_kernels.codecs import CODECS, METHODS
 from gear_kernels.lowrank import factor, quantize_factor
 from gear_kernels.packing import packed_length
-from gear_kernels.store import COMPONENTS, KVStore
+from gear_kernels.store import COMPONENTS, KVStore, SinkPart
 from test_compression import (
     assert_outliers_exact, assert_within_half_step, config_of, outlier_mask, randn, relative_error,
 )
@@ -107,7 +107,9 @@ def test_stored_bytes_are_the_tensors_bytes(case):
         return
     rows = [(compress(structured(1, 2, n, 24, seed=n), config, "key"),
              compress(structured(1, 2, n, 24, seed=n + 1), config, "value")) for n in (21, 5)]
-    store = KVStore(batch=2, prompt_end=21).with_prompt([r[0] for r in rows], [r[1] for r in rows])
+    sinks = SinkPart.from_rows([structured(1, 2, n, 24, seed=n + 2) for n in (3, 1)],
+                               [structured(1, 2, n, 24, seed=n + 3) for n in (3, 1)])
+    store = KVStore(batch=2, prompt_end=24).with_prompt([r[0] for r in rows], [r[1] for r in rows], sinks)
     store = store.appended(compress(structured(2, 2, 8, 24, seed=7), config, "key", 2),
                            compress(structured(2, 2, 8, 24, seed=8), config, "value", 2))
     counted = dict.fromkeys(COMPONENTS, 0)
@@ -115,6 +117,7 @@ def test_stored_bytes_are_the_tensors_bytes(case):
         for component, names in COMPONENTS.items():
             counted[component] += sum(getattr(part, n).numel() * getattr(part, n).element_size()
                                       for n in names if getattr(part, n) is not None)
+    counted["sinks"] = 2 * 2 * 2 * 3 * 24 * 4  # K and V, 2 rows, 2 heads, 3 slots (one row has 2 empty), fp32
     assert store.nbytes() == counted
     held = {n for part in store.parts() for n in vars(part) if isinstance(getattr(part, n), torch.Tensor)}
     per_row = {"lengths", "group_sizes", "outlier_counts"}  # a few integers a row: not counted

@@ -66,6 +66,8 @@ CODEC_BAD = [  # a codec's own options: the message names the method
     ("value_bits", 6, "one of 2, 3, 4, 8"),
     ("backbone", "kv", "one of kivi, kcvt, flexgen"),
     ("rotation", "random", "one of none, hadamard"),
+    ("sink_tokens", -1, "an integer >= 0"),
+    ("sink_tokens", 4.0, "an integer >= 0"),
     ("group_size", 0, "an integer >= 1"),
     ("group_size", -64, "an integer >= 1"),
     ("group_size", 32.0, "an integer >= 1"),
@@ -162,7 +164,8 @@ def test_the_default_dict_keeps_its_old_keys_and_values():
     """lm_eval_gear.gate compares configs by this dict (.ci/gear_baseline.json)."""
     old = {"method": "gear", "bits": 2, "backbone": "kivi", "group_size": 64, "outlier_ratio": 0.02, "rank_prompt": 4,
            "rank_chunk": 2, "power_iters": 3, "buffer_size": 64, "seed": 0, "kernel": "auto"}
-    new = {"key_bits": 2, "value_bits": 2, "lowrank_dtype": "fp16", "outlier_dtype": "model", "rotation": "none"}
+    new = {"key_bits": 2, "value_bits": 2, "lowrank_dtype": "fp16", "outlier_dtype": "model", "rotation": "none",
+           "sink_tokens": 0}
     assert GearConfig().as_dict() == {**old, **new}
 
 

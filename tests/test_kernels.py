@@ -26,7 +26,7 @@ from gear_kernels.codecs import CODECS  # noqa: E402
 from gear_kernels import triton_attention as ta  # noqa: E402
 from gear_kernels import triton_quantize as tq  # noqa: E402
 from gear_kernels.attention_reference import decode_attention_torch  # noqa: E402
-from gear_kernels.store import KVStore  # noqa: E402
+from gear_kernels.store import KVStore, SinkPart  # noqa: E402
 
 # relative error (max |out - ref| / max |ref|) allowed per model dtype; bf16 also absorbs the
 # interpreter's truncating fp32 -> bf16 store (up to one bf16 ulp, 2^-7)
@@ -190,6 +190,33 @@ def test_decode_attention_matches_reference(method, backbone, bits, group, buffe
     assert rel_err(out, ref) < TOL[dtype]
 
 
+SINK_CASES = [  # dtype, prompt rows, sinks of each row, n_buf, q_len, block_n
+    (torch.float16, (37, 0, 20), (4, 3, 4), 5, 1, None),  # the second row: sinks only
+    (torch.bfloat16, (50, 9), (0, 6), 3, 3, 16),  # a row without sinks; causal queries
+    (torch.float32, (70,), (5,), 0, 1, 16),  # no buffer: the sinks alone ahead of it
+]
+
+
+@pytest.mark.parametrize("dtype,prompt,sinks,n_buf,q_len,block_n", SINK_CASES)
+def test_decode_attention_with_sinks_matches_reference(dtype, prompt, sinks, n_buf, q_len, block_n):
+    """Triton reads the sinks ahead of the buffer, each row from its first filled slot."""
+    config = GearConfig(method="gear", bits=2, group_size=16, buffer_size=16)
+    batch, heads, dim = len(prompt), 2, 64
+    store = make_store(config, batch, heads, dim, dtype, prompt, 1, 5)
+    kept = SinkPart.from_rows([kv(1, heads, n, dim, dtype, 40 + b, "key") for b, n in enumerate(sinks)],
+                              [kv(1, heads, n, dim, dtype, 50 + b, "value") for b, n in enumerate(sinks)])
+    store = dataclasses.replace(store, sinks=kept, prompt_end=max(p + n for p, n in zip(prompt, sinks)))
+    k_buf = kv(batch, heads, n_buf, dim, dtype, 1, "key") if n_buf else None
+    v_buf = kv(batch, heads, n_buf, dim, dtype, 2, "value") if n_buf else None
+    q = kv(batch, heads * 3, q_len, dim, dtype, 3, "value")
+    ref = decode_attention_torch(q, store, k_buf, v_buf, 0.125)
+    out = torch.full_like(q, float("nan"))
+    ta.decode_attention_triton(q, store, k_buf, v_buf, 0.125, block_n=block_n, split_tokens=block_n, out=out)
+    assert rel_err(out, ref) < TOL[dtype]
+    without = decode_attention_torch(q, dataclasses.replace(store, sinks=None, prompt_end=max(prompt)), k_buf, v_buf, 0.125)
+    assert rel_err(without, ref) > 5 * TOL[dtype]  # the sinks were attended to
+
+
 def test_dispatch_triton_matches_torch_on_a_triton_compressed_store():
     """decode_attention(kernel=...) over chunks made by compress_triton; rows reordered (beams)."""
     config = GearConfig(method="gear", bits=2, group_size=32, buffer_size=32, kernel="triton")
@@ -229,13 +256,17 @@ def test_resolve_kernel():
 
 # ---------------------------------------------------------------- the torch reference itself
 
-def naive_attention(q, store, k_buf, v_buf, scale, rows_k, rows_v, chunks_k, chunks_v):
-    """decompress() every chunk, repeat K/V per query head, one row at a time, explicit masks."""
+def naive_attention(q, store, k_buf, v_buf, scale, rows_k, rows_v, chunks_k, chunks_v, sinks=None):
+    """decompress() every chunk, repeat K/V per query head, one row at a time, explicit masks;
+    sinks: each row's exact (1, H, n, D) keys and values ahead of its prompt, or None."""
     batch, q_heads, q_len, dim = q.shape
     outs = []
     for b in range(batch):
         ks = [decompress(rows_k[b])[0].float()] if rows_k and rows_k[b] is not None else []
         vs = [decompress(rows_v[b])[0].float()] if rows_v and rows_v[b] is not None else []
+        if sinks is not None:
+            ks.insert(0, sinks[0][b][0].float())
+            vs.insert(0, sinks[1][b][0].float())
         ks += [decompress(c)[b].float() for c in chunks_k]
         vs += [decompress(c)[b].float() for c in chunks_v]
         ks.append(k_buf[b].float())
@@ -249,8 +280,9 @@ def naive_attention(q, store, k_buf, v_buf, scale, rows_k, rows_v, chunks_k, chu
     return torch.stack(outs)
 
 
+@pytest.mark.parametrize("with_sinks", [False, True])
 @pytest.mark.parametrize("q_len", [1, 3])
-def test_torch_reference_is_attention_over_the_decompressed_cache(q_len):
+def test_torch_reference_is_attention_over_the_decompressed_cache(q_len, with_sinks):
     config = GearConfig(method="gear", bits=4, group_size=8, buffer_size=8)
     gen = lambda n, seed, kind: kv(1, 2, n, 16, torch.float32, seed, kind)  # noqa: E731
     rows_k = [gen(9, 1, "key"), None, gen(20, 2, "key")]
@@ -259,14 +291,19 @@ def test_torch_reference_is_attention_over_the_decompressed_cache(q_len):
     rows_v = [None if x is None else compress(x, config, "value") for x in rows_v]
     chunks_k = [compress(kv(3, 2, 8, 16, torch.float32, 10 + i, "key"), config, "key", 2) for i in range(2)]
     chunks_v = [compress(kv(3, 2, 8, 16, torch.float32, 20 + i, "value"), config, "value", 2) for i in range(2)]
-    store = KVStore(batch=3, prompt_end=20).with_prompt(rows_k, rows_v)
+    sinks = None  # the second row: sinks only
+    if with_sinks:
+        sinks = tuple([kv(1, 2, n, 16, torch.float32, 30 + b + 5 * side, kind) for b, n in enumerate((2, 3, 1))]
+                      for side, kind in enumerate(("key", "value")))
+    store = KVStore(batch=3, prompt_end=21 if with_sinks else 20).with_prompt(
+        rows_k, rows_v, SinkPart.from_rows(*sinks) if with_sinks else None)
     for k, v in zip(chunks_k, chunks_v):
         store = store.appended(k, v)
     k_buf = kv(3, 2, 4, 16, torch.float32, 1, "key")
     v_buf = kv(3, 2, 4, 16, torch.float32, 2, "value")
     q = kv(3, 6, q_len, 16, torch.float32, 3, "value")
     ours = decode_attention_torch(q, store, k_buf, v_buf, 0.3)
-    want = naive_attention(q, store, k_buf, v_buf, 0.3, rows_k, rows_v, chunks_k, chunks_v)
+    want = naive_attention(q, store, k_buf, v_buf, 0.3, rows_k, rows_v, chunks_k, chunks_v, sinks)
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
 
 

@@ -21,7 +21,7 @@ def test_gear_options_are_the_gearconfig_fields():
     assert GEAR_OPTIONS == GearConfig.field_names()
     assert {"method", "bits", "backbone", "group_size", "outlier_ratio", "rank_prompt", "rank_chunk",
             "power_iters", "buffer_size", "seed", "kernel", "key_bits", "value_bits", "lowrank_dtype",
-            "outlier_dtype", "rotation"} == set(GEAR_OPTIONS)
+            "outlier_dtype", "rotation", "sink_tokens"} == set(GEAR_OPTIONS)
     assert all(option in GEAR_OPTIONS for codec in CODECS.values() for option in codec.options())
 
 
@@ -60,11 +60,11 @@ def test_hflm_and_from_pretrained_arguments_pass_through():
         ({"outlier_ratio": 1.5}, "GearConfig.outlier_ratio=1.5 is invalid (method 'gear'): allowed a number in [0, 1)"),
         ({"group_size": 0}, "GearConfig.group_size=0 is invalid (method 'gear'): allowed an integer >= 1"),
         ({"method": "kivi", "rank_prompt": "8"}, "method 'kivi' does not use rank_prompt; it takes bits, backbone, "
-         "group_size, key_bits, value_bits, rotation, buffer_size, seed, kernel"),
+         "group_size, key_bits, value_bits, rotation, sink_tokens, buffer_size, seed, kernel"),
         ({"method": "kivi", "outlier_ratio": 0.1}, "method 'kivi' does not use outlier_ratio; it takes bits, backbone, "
-         "group_size, key_bits, value_bits, rotation, buffer_size, seed, kernel"),
+         "group_size, key_bits, value_bits, rotation, sink_tokens, buffer_size, seed, kernel"),
         ({"method": "gear-l", "outlier_dtype": "fp16"}, "method 'gear-l' does not use outlier_dtype; it takes bits, "
-         "backbone, group_size, key_bits, value_bits, rotation, rank_prompt, rank_chunk, power_iters, "
+         "backbone, group_size, key_bits, value_bits, rotation, sink_tokens, rank_prompt, rank_chunk, power_iters, "
          "lowrank_dtype, buffer_size, seed, kernel"),
         ({"buffer_size": 2.5}, "GearConfig.buffer_size=2.5 is invalid: allowed an integer >= 1"),
         ({"kernel": "cuda"}, "GearConfig.kernel='cuda' is invalid: allowed one of auto, triton, torch"),

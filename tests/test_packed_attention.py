@@ -127,3 +127,25 @@ def test_stand_ins_without_their_store_raise():
     hand_over(5, layer.packed(), 7)
     with pytest.raises(RuntimeError, match="handed a store of 7 tokens"):
         gear_attention(_Module(), q, torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16), None)
+
+
+@pytest.mark.parametrize("options", [dict(method="gear"), dict(method="kivi", rotation="hadamard")], ids=str)
+def test_sinks_attend_alike_on_both_paths_and_alone(options):
+    """sink_tokens: the Triton path reads the exact sinks ahead of the buffer, a row with fewer
+    of them (the 5-token prompt, all sinks) starting past its empty slots; the torch path
+    places them in its rebuilt keys and values. Same logits, and each prompt alike alone."""
+    options = dict(options, sink_tokens=6)
+    plain, packed = _pair("llama", torch.float32)
+    rows = [prompts(1, n, seed=n)[0] for n in (13, 5, 22)]
+    ids, mask = left_padded(rows)
+    continuation = prompts(3, 11, seed=7)
+    torch_path = _forced(plain, ids, mask, continuation, "torch", **options)
+    triton_path = _forced(packed, ids, mask, continuation, "triton", **options)
+    scale = torch_path.abs().max()
+    assert (triton_path - torch_path).abs().max() / scale < TOL[torch.float32]
+    for b, row in enumerate(rows):
+        alone = _forced(plain, row[None], torch.ones(1, len(row), dtype=torch.long), continuation[b : b + 1], "torch",
+                        **options)
+        assert (alone[0] - torch_path[b]).abs().max() / scale < TOL[torch.float32], f"row {b}"
+    without = _forced(plain, ids, mask, continuation, "torch", **dict(options, sink_tokens=0))
+    assert (without - torch_path).abs().max() / scale > 100 * TOL[torch.float32]  # the sinks did something

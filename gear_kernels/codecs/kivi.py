@@ -19,6 +19,8 @@ class KiviParams(CodecParams):
     group_size: tokens (per-channel groups) or channels (per-token groups) a group.
     rotation: hadamard rotates every K and V vector by a seeded randomized Walsh-Hadamard
     matrix before it is compressed (gear_kernels.rotation; attention is unchanged); none.
+    sink_tokens: each row's first prompt tokens kept exact, outside the codes (attention sinks:
+    most heads attend to the first tokens heavily, so their error weighs on every query).
     """
 
     bits: int = 2
@@ -27,6 +29,7 @@ class KiviParams(CodecParams):
     key_bits: int | None = None
     value_bits: int | None = None
     rotation: str = "none"
+    sink_tokens: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -38,6 +41,7 @@ class KiviParams(CodecParams):
         self.check_choice("backbone", BACKBONES)
         self.check_choice("rotation", ROTATIONS)
         self.check_int("group_size", 1)
+        self.check_int("sink_tokens", 0)
 
     def bits_for(self, kind: str) -> int:
         """Code width of kind 'key' or 'value'."""
