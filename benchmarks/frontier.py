@@ -5,8 +5,8 @@
     python -m benchmarks.frontier --recheck benchmarks/frontier.json --first 8   # the picks, other prompts
     python -m benchmarks.frontier --smoke                       # a few configs, seconds
 
-Every config runs in one process on the same prompts (GSM8K test questions behind the paper's
-8-shot prompt): the exact model prefills each prompt once and greedily generates `--tokens`
+Every config runs in one process on the same prompts (by default GSM8K test questions behind
+the paper's 8-shot prompt; --task aqua or bbh:<subtask> for the others): the exact model prefills each prompt once and greedily generates `--tokens`
 tokens; each cache then gets the same exact prompt keys and values (compressing them as after a
 prefill) and is teacher-forced along that continuation in pieces that end where its buffer
 flushes (lm_eval_gear.forcing: every cache here, the peers' residual windows included, flushes
@@ -15,13 +15,15 @@ Figures, averaged over the prompts:
 
 - KL: mean KL(exact || cache) per forced token, nats; top-1: next-token agreement;
 - stored bits: 8 * bytes stored for the compressed part / its K and V elements, measured from
-  the stored tensors (the exact buffer, the same for every cache, is left out).
+  the stored tensors (the exact buffer, the same for every cache, is left out); a config fits
+  a budget when it stores no more than the budget + SLACK on every prompt (a pick: with
+  RESERVE of it to spare).
 
-The grid sweeps the project's codecs over bits, groups, ranks and outlier ratios; the peers
-are TurboQuant (fused-turboquant's TurboQuantMSE, CPU path, given GEAR's streaming buffer; see
-benchmarks/turboquant_cache.py) and transformers' QuantizedCache with quanto and HQQ. For each
-budget, the pick is the project config with the lowest KL among those storing no more than
-the budget (+ SLACK); it is written, with the best peer under the same budget, to `--json`
+The grid sweeps the project's codecs over bits, groups, ranks, outlier ratios, rotation and
+sinks; the peers are TurboQuant (fused-turboquant's TurboQuantMSE, CPU path, given GEAR's
+streaming buffer; see benchmarks/turboquant_cache.py) and transformers' QuantizedCache with
+quanto and HQQ. For each budget, the pick is the project config with the lowest KL among those
+that fit it; it is written, with the best peer under the same budget, to `--json`
 (benchmarks/frontier.json), whose `options` build the config with GearConfig.from_options.
 `--recheck benchmarks/frontier.json --first 8` measures those picks again on other prompts,
 beside the peers and the best plain KIVI configs, and tables them the same way.
@@ -45,13 +47,16 @@ from lm_eval_gear.cache import model_head_dim
 from lm_eval_gear.compat import cache_kwarg
 from lm_eval_gear.fidelity import agreement, exact_run
 from lm_eval_gear.forcing import buffer_pieces
-from lm_eval_gear.tasks.gear_cot import gsm8k_prompt
+from lm_eval_gear.tasks import gear_cot
 from benchmarks.fidelity import stored_bytes
-from benchmarks.smollm2 import DEFAULT_DATA_DIR, gsm8k_docs, load_smollm2
+from benchmarks.smollm2 import DEFAULT_DATA_DIR, load_smollm2
 from benchmarks.turboquant_cache import compressed_bits, turboquant_cache
 
 BUDGETS = (2.5, 3.0, 3.5, 4.5)
 SLACK = 0.05  # bits a config may store beyond a budget and still fit it (partial groups, index widths)
+# Of that slack, what a pick keeps in reserve on the prompts it is chosen on: on shorter prompts
+# a sink or a partial quantization group costs more bits per element.
+RESERVE = 0.03
 BUFFER = 64  # every cache's exact window (GEAR's buffer, the peers' residual length)
 
 
@@ -80,11 +85,16 @@ def project_grid() -> list[dict]:
                      lowrank_dtype=["int8"], outlier_dtype=["fp16"], group_size=[128], rotation=["hadamard"])
     grid += [{"method": "gear", "bits": b} for b in (2, 4)]  # the paper's defaults
     # the first tokens kept exact (attention sinks), on the best codes-only configs and corrections
-    grid += _product(method=["kivi"], bits=[2, 3, 4], group_size=[64, 128], rotation=["hadamard"], sink_tokens=[4])
-    grid += _product(method=["kivi"], key_bits=[3, 4], value_bits=[2], group_size=[64, 128], rotation=["hadamard"],
-                     sink_tokens=[4])
+    # (one sink: the first token draws most of the attention; 4 buy little more and cost 4x the bits)
+    # (group 80: a sink's bits and a little more fit where group 64 alone fits)
+    grid += _product(method=["kivi"], bits=[2, 3, 4], group_size=[64, 80, 128], rotation=["hadamard"], sink_tokens=[1])
+    grid += _product(method=["kivi"], key_bits=[3, 4], value_bits=[2], group_size=[64, 80, 128], rotation=["hadamard"],
+                     sink_tokens=[1])
+    grid += _product(method=["kivi"], bits=[2, 4], group_size=[64], rotation=["hadamard"], sink_tokens=[4])
+    grid += _product(method=["gear-l"], key_bits=[3], value_bits=[2], rank_prompt=[1], lowrank_dtype=["int8"],
+                     group_size=[80, 128], rotation=["hadamard"], sink_tokens=[1])
     grid += _product(method=["gear"], bits=[2], outlier_ratio=[0.005], rank_prompt=[0, 1], lowrank_dtype=["int8"],
-                     outlier_dtype=["fp16"], group_size=[128], rotation=["none", "hadamard"], sink_tokens=[4])
+                     outlier_dtype=["fp16"], group_size=[128], rotation=["none", "hadamard"], sink_tokens=[1])
     for g in grid:
         if "rank_prompt" in g:
             g["rank_chunk"] = g["rank_prompt"]
@@ -152,23 +162,38 @@ def forced(model, entry, kv, first_logits: torch.Tensor, continuation: torch.Ten
     return torch.cat(steps), None if entry == "exact" else bits_stored(cache, model)
 
 
-def sweep(model, tokenizer, docs, entries, tokens: int) -> dict[str, dict]:
-    """label -> {options or peer, kl, top1, stored_bits}, averaged over the prompts."""
+def task_prompts(task: str, data_dir: Path, first: int, count: int) -> list[str]:
+    """The paper's CoT prompts (as the shipped tasks build them) of questions [first, first + count)
+    of task gsm8k (8-shot), aqua (8-shot) or bbh:<subtask> (3-shot)."""
+    if task.startswith("bbh:"):
+        docs, prompt = gear_cot.load_bbh(task[4:], gear_data_dir=str(data_dir))["test"], gear_cot.bbh_prompt
+    elif task in ("gsm8k", "aqua"):
+        load, prompt = getattr(gear_cot, f"load_{task}"), getattr(gear_cot, f"{task}_prompt")
+        docs = load(gear_data_dir=str(data_dir))["test"]
+    else:
+        raise SystemExit(f"--task {task!r}: use gsm8k, aqua or bbh:<subtask> (e.g. bbh:boolean_expressions)")
+    if first + count > len(docs):
+        raise SystemExit(f"--task {task} has {len(docs)} questions; --first {first} --questions {count} asks beyond them")
+    return [prompt(docs[i]) for i in range(first, first + count)]
+
+
+def sweep(model, tokenizer, prompts: list[str], entries, tokens: int) -> dict[str, dict]:
+    """label -> {options or peer, kl, top1, stored_bits, stored_bits_max}, averaged over the prompts."""
     per = {(label(e) if isinstance(e, dict) else e): [] for e in entries}
-    for i, doc in enumerate(docs):
-        ids = tokenizer(gsm8k_prompt(doc), return_tensors="pt").input_ids
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
         continuation, _ = exact_run(model, ids, tokens)
         kv, first = prefill(model, ids)
         exact, _ = forced(model, "exact", kv, first, continuation)
         for entry, name in zip(entries, per):
             logits, bits = forced(model, entry, kv, first, continuation)
             per[name].append({**agreement(exact, logits), "stored_bits": bits})
-        print(f"prompt {i + 1}/{len(docs)} ({ids.shape[1]} tokens) done", flush=True)
+        print(f"prompt {i + 1}/{len(prompts)} ({ids.shape[1]} tokens) done", flush=True)
     rows = {}
     for entry, (name, runs) in zip(entries, per.items()):
         means = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
         rows[name] = {"options": entry, "peer": None} if isinstance(entry, dict) else {"options": None, "peer": entry}
-        rows[name] |= means
+        rows[name] |= means | {"stored_bits_max": max(r["stored_bits"] for r in runs)}
     return rows
 
 
@@ -176,22 +201,24 @@ def sweep(model, tokenizer, docs, entries, tokens: int) -> dict[str, dict]:
 
 
 def picks(rows: dict[str, dict], budgets=BUDGETS, chosen: dict[float, str] | None = None) -> list[dict]:
-    """Per budget: the project's lowest-KL config storing no more than it (+ SLACK), or the one
-    `chosen` names for it (a recheck), and the best peer (TurboQuant, quanto, HQQ) and the best
-    plain KIVI config (no rotation, one bit width) under the same budget."""
+    """Per budget: the project's lowest-KL config storing no more than it + SLACK - RESERVE on
+    every prompt, or the one `chosen` names for it (a recheck), and the best peer (TurboQuant,
+    quanto, HQQ) and the best plain KIVI config (no rotation, one bit width) storing no more than
+    the budget + SLACK."""
     def best(names):
         return min(names, key=lambda n: rows[n]["kl"], default=None)
 
     out = []
     for budget in budgets:
-        fits = [n for n, r in rows.items() if r["stored_bits"] <= budget + SLACK]
-        ours = best([n for n in fits if rows[n]["options"] is not None]) if chosen is None else chosen.get(budget)
+        fits = [n for n, r in rows.items() if r["stored_bits_max"] <= budget + SLACK]
+        ours = best([n for n in fits if rows[n]["options"] is not None
+                     and rows[n]["stored_bits_max"] <= budget + SLACK - RESERVE])
+        ours = ours if chosen is None else chosen.get(budget)
         peer = best([n for n in fits if rows[n]["peer"] is not None])
         kivi = best([n for n in fits if _plain_kivi(rows[n]["options"])])
         entry = {"budget_bits": budget}
         if ours is not None:
-            entry |= {"options": rows[ours]["options"], "stored_bits": rows[ours]["stored_bits"],
-                      "kl": rows[ours]["kl"], "top1": rows[ours]["top1"]}
+            entry |= {key: rows[ours][key] for key in ("options", "stored_bits", "stored_bits_max", "kl", "top1")}
         for key, name in (("best_peer", peer), ("best_plain_kivi", kivi)):
             if name is not None:
                 entry[key] = {"name": name, "stored_bits": rows[name]["stored_bits"], "kl": rows[name]["kl"]}
@@ -219,15 +246,15 @@ def _plain_kivi(options: dict | None) -> bool:
 
 
 def table(rows: dict[str, dict]) -> str:
-    lines = ["| config | stored bits | KL (nats) | top-1 |", "|---|---:|---:|---:|"]
+    lines = ["| config | stored bits | most on a prompt | KL (nats) | top-1 |", "|---|---:|---:|---:|---:|"]
     for name, r in sorted(rows.items(), key=lambda item: item[1]["stored_bits"]):
-        lines.append(f"| {name} | {r['stored_bits']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} |")
+        lines.append(f"| {name} | {r['stored_bits']:.2f} | {r['stored_bits_max']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} |")
     return "\n".join(lines)
 
 
 def picks_table(chosen: list[dict]) -> str:
-    lines = ["| budget | pick | stored bits | KL | best peer (KL) | pick / peer | best plain kivi (KL) | pick / kivi |",
-             "|---:|---|---:|---:|---|---:|---|---:|"]
+    lines = ["| budget | pick | stored bits (most on a prompt) | KL | best peer (KL) | pick / peer | best plain kivi (KL) "
+             "| pick / kivi |", "|---:|---|---:|---:|---|---:|---|---:|"]
     for p in chosen:
         if "options" not in p:
             lines.append(f"| {p['budget_bits']} | nothing fits | | | | | | |")
@@ -236,7 +263,8 @@ def picks_table(chosen: list[dict]) -> str:
         for key in ("best_peer", "best_plain_kivi"):
             other = p.get(key)
             cells += ["-", "-"] if other is None else [f"{other['name']} ({other['kl']:.4f})", f"{p['kl'] / other['kl']:.2f}"]
-        lines.append(f"| {p['budget_bits']} | {label(p['options'])} | {p['stored_bits']:.2f} | {p['kl']:.4f} | "
+        lines.append(f"| {p['budget_bits']} | {label(p['options'])} | {p['stored_bits']:.2f} ({p['stored_bits_max']:.2f}) "
+                     f"| {p['kl']:.4f} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -286,8 +314,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pretrained", help="a model folder or hub id (default: the embedded SmolLM2-135M)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="folder laid out like ../shared/data")
+    parser.add_argument("--task", default="gsm8k", help="gsm8k, aqua or bbh:<subtask> (the paper's CoT prompts)")
     parser.add_argument("--questions", type=int, default=8)
-    parser.add_argument("--first", type=int, default=0, help="skip this many GSM8K questions")
+    parser.add_argument("--first", type=int, default=0, help="skip this many questions")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--plot", type=Path, help="write the KL-against-bits plot (PNG) here")
     parser.add_argument("--json", type=Path, help="where the picks go (default benchmarks/frontier.json; none with --smoke)")
@@ -298,24 +327,24 @@ def main() -> None:
     if args.smoke:
         args.questions, args.tokens = 1, 8
     model, tokenizer = load_model(args.pretrained)
-    docs = gsm8k_docs(args.data, args.first + args.questions)[args.first :]
+    prompts = task_prompts(args.task, args.data, args.first, args.questions)
     grid, peers = (SMOKE_GRID, SMOKE_PEERS) if args.smoke else (project_grid(), PEERS)
     earlier = None
     if args.recheck is not None:
         grid, earlier = rechecked(json.loads(args.recheck.read_text()))
     entries = grid + list(peers)
     began = time.perf_counter()
-    rows = sweep(model, tokenizer, docs, entries, args.tokens)
+    rows = sweep(model, tokenizer, prompts, entries, args.tokens)
     chosen = picks(rows, chosen=earlier)
     name = args.pretrained or "SmolLM2-135M-Instruct (embedded)"
-    print(f"\n{name}, fp32, GSM8K questions {args.first + 1}-{args.first + len(docs)} (8-shot prompts), "
+    print(f"\n{name}, fp32, {args.task} questions {args.first + 1}-{args.first + len(prompts)} (the paper's CoT prompts), "
           f"{args.tokens} forced tokens, buffer {BUFFER}, torch {torch.__version__}, "
           f"{time.perf_counter() - began:.0f} s\n")
     print(table(rows) + "\n\n" + picks_table(chosen))
     if args.json is None and not args.smoke and args.recheck is None:
         args.json = Path(__file__).with_name("frontier.json")
     if args.json is not None:
-        args.json.write_text(json.dumps({"model": name, "questions": [args.first, args.first + len(docs)],
+        args.json.write_text(json.dumps({"model": name, "task": args.task, "questions": [args.first, args.first + len(prompts)],
                                          "tokens": args.tokens, "budgets": chosen, "rows": rows}, indent=1) + "\n")
     if args.plot:
         plot(rows, chosen, args.plot)

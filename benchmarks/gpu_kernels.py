@@ -60,7 +60,7 @@ from gear_kernels import triton_device as td  # noqa: E402
 from gear_kernels import triton_quantize as tq  # noqa: E402
 from gear_kernels.attention_reference import decode_attention_torch  # noqa: E402
 from gear_kernels.outliers import select_outliers  # noqa: E402
-from gear_kernels.store import KVStore, PromptPart  # noqa: E402
+from gear_kernels.store import KVStore  # noqa: E402
 
 TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}
 

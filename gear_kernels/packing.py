@@ -46,7 +46,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """(..., bytes) -> (..., n) codes as uint8."""
     assert packed.dtype == torch.uint8, f"packed codes are uint8, got {packed.dtype}"
-    per_word, word_bytes = CODES_PER_WORD[bits], BYTES_PER_WORD[bits]
+    word_bytes = BYTES_PER_WORD[bits]
     if word_bytes == 1:  # byte-sized words: shift and mask in uint8, the cheapest on a CPU
         shifts = _shifts(bits, packed.device).to(torch.uint8)
         wide = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., words, per_word)

@@ -4,10 +4,10 @@ A layer's stored tokens come in these parts, in position order (DESIGN.md sectio
 
 - optionally each row's first prompt tokens, kept exact (a SinkPart: attention sinks,
   sink_tokens);
-- the rest of the prompt, compressed once after prefill row by row, each row without its left padding
-  (and, in a sliding-window layer, without what the window can no longer see): a PromptPart
-  packs the rows back to back on one token axis, row b holding tokens [cu[b], cu[b + 1]), as
-  flash-attn's varlen interface does with cu_seqlens;
+- the rest of the prompt, compressed once after prefill row by row, each row without its
+  left padding (and, in a sliding-window layer, without what the window can no longer see):
+  a PromptPart packs the rows back to back on one token axis, row b holding tokens
+  [cu[b], cu[b + 1]), as flash-attn's varlen interface does with cu_seqlens;
 - the streamed chunks, every `chunk_tokens` tokens of all rows compressed together: a
   StreamPart holds them as uniform tensors with a chunk axis, appended in order.
 
@@ -420,9 +420,10 @@ class KVStore:
 
     The prompt covers positions [prompt_start, prompt_end), each row its last tokens in there:
     its sinks (kept exact, sink_tokens) then its compressed tokens; the stream part [prompt_end
-    + dropped * S, ...), S = its chunk_tokens; the cache's exact buffer follows. A sliding-window layer drops the prompt, then whole chunks, as they
-    leave the window. Immutable, like its parts: appending or dropping makes a new store, so
-    one handed to attention is not changed under it by the flush that follows.
+    + dropped * S, ...), S = its chunk_tokens; the cache's exact buffer follows. A
+    sliding-window layer drops the prompt, then whole chunks, as they leave the window.
+    Immutable, like its parts: appending or dropping makes a new store, so one handed to
+    attention is not changed under it by the flush that follows.
     """
 
     batch: int
@@ -446,9 +447,10 @@ class KVStore:
     def prompt_lengths(self) -> torch.Tensor:
         """(B,) prompt tokens each row holds (sinks and compressed), on the CPU."""
         held = torch.zeros(self.batch, dtype=torch.long)
-        for counts in (None if self.prompt_keys is None else self.prompt_keys.lengths,
-                       None if self.sinks is None else self.sinks.counts):
-            held = held if counts is None else held + counts
+        if self.prompt_keys is not None:
+            held = held + self.prompt_keys.lengths
+        if self.sinks is not None:
+            held = held + self.sinks.counts
         return held
 
     def offset(self, chunk_tokens: int) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import random
-import statistics
 import sys
 from pathlib import Path
 

@@ -39,13 +39,14 @@ def test_frontier_smoke(tmp_path):
         if "options" in budget:
             assert budget["stored_bits"] <= budget["budget_bits"] + 0.05
             GearConfig.from_options(budget["options"])
-    # --recheck: the same picks measured again on another question, beside the peers
+    # --recheck: the same picks measured again on a question of another task, beside the peers
     again = tmp_path / "recheck.json"
-    run = subprocess.run([sys.executable, "-m", "benchmarks.frontier", "--smoke", "--first", "3", "--recheck", str(picks),
-                          "--json", str(again)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    run = subprocess.run([sys.executable, "-m", "benchmarks.frontier", "--smoke", "--task", "bbh:date_understanding",
+                          "--first", "3", "--recheck", str(picks), "--json", str(again)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rechecked = json.loads(again.read_text())
-    assert rechecked["questions"] == [3, 4]
+    assert rechecked["task"] == "bbh:date_understanding" and rechecked["questions"] == [3, 4]
     for before, now in zip(written["budgets"], rechecked["budgets"]):
         assert now.get("options") == before.get("options")
         assert ("best_peer" in now) == ("best_peer" in before)
