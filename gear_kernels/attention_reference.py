@@ -3,8 +3,9 @@
 A layer's cache is its KVStore (store.py: the prompt rows, varlen, then the streamed chunks),
 then the exact buffer k_buf / v_buf (batch, kv_heads, n_buf, head_dim) of the latest tokens.
 Row b attends to its own stored prompt tokens (its left padding was never stored; its sinks,
-kept exact, first), every streamed chunk, then the buffer; the store must hold everything from position 0 (a layer
-whose sliding window dropped tokens attends through the model's own mask instead).
+kept exact, first), every streamed chunk, then the buffer; the store must hold everything from
+position 0 (a layer whose sliding window dropped tokens attends through the model's own mask
+instead).
 
 Attention for query heads q (batch, q_heads, q_len, head_dim), q_heads = kv_heads * ratio
 (query head j reads kv head j // ratio, as transformers' repeat_kv):

@@ -194,6 +194,7 @@ SINK_CASES = [  # dtype, prompt rows, sinks of each row, n_buf, q_len, block_n
     (torch.float16, (37, 0, 20), (4, 3, 4), 5, 1, None),  # the second row: sinks only
     (torch.bfloat16, (50, 9), (0, 6), 3, 3, 16),  # a row without sinks; causal queries
     (torch.float32, (70,), (5,), 0, 1, 16),  # no buffer: the sinks alone ahead of it
+    (torch.float16, (0, 0), (3, 2), 2, 1, None),  # prompts of sinks only
 ]
 
 
