@@ -6,11 +6,12 @@
     python -m benchmarks.frontier --smoke                       # a few configs, seconds
 
 Every config runs in one process on the same prompts (by default GSM8K test questions behind
-the paper's 8-shot prompt; --task aqua or bbh:<subtask> for the others): the exact model prefills each prompt once and greedily generates `--tokens`
-tokens; each cache then gets the same exact prompt keys and values (compressing them as after a
-prefill) and is teacher-forced along that continuation in pieces that end where its buffer
-flushes (lm_eval_gear.forcing: every cache here, the peers' residual windows included, flushes
-every BUFFER tokens after the prompt, so each token sees what it would see in generation).
+the paper's 8-shot prompt; --task aqua or bbh:<subtask> for the others): the exact model
+prefills each prompt once and greedily generates `--tokens` tokens; each cache then gets the
+same exact prompt keys and values (compressing them as after a prefill) and is teacher-forced
+along that continuation in pieces that end where its buffer flushes (lm_eval_gear.forcing:
+every cache here, the peers' residual windows included, flushes every BUFFER tokens after the
+prompt, so each token sees what it would see in generation).
 Figures, averaged over the prompts:
 
 - KL: mean KL(exact || cache) per forced token, nats; top-1: next-token agreement;
@@ -84,9 +85,9 @@ def project_grid() -> list[dict]:
     grid += _product(method=["gear"], key_bits=[3], value_bits=[2], outlier_ratio=[0.005], rank_prompt=[0, 1],
                      lowrank_dtype=["int8"], outlier_dtype=["fp16"], group_size=[128], rotation=["hadamard"])
     grid += [{"method": "gear", "bits": b} for b in (2, 4)]  # the paper's defaults
-    # the first tokens kept exact (attention sinks), on the best codes-only configs and corrections
-    # (one sink: the first token draws most of the attention; 4 buy little more and cost 4x the bits)
-    # (group 80: a sink's bits and a little more fit where group 64 alone fits)
+    # the first tokens kept exact (attention sinks), on the best codes-only configs and corrections:
+    # one sink (the first token draws most of the attention; 4 buy little more for 4x the bits),
+    # and group 80, where a sink's bits fit beside the codes of budgets that group 64 alone fills
     grid += _product(method=["kivi"], bits=[2, 3, 4], group_size=[64, 80, 128], rotation=["hadamard"], sink_tokens=[1])
     grid += _product(method=["kivi"], key_bits=[3, 4], value_bits=[2], group_size=[64, 80, 128], rotation=["hadamard"],
                      sink_tokens=[1])
@@ -211,9 +212,11 @@ def picks(rows: dict[str, dict], budgets=BUDGETS, chosen: dict[float, str] | Non
     out = []
     for budget in budgets:
         fits = [n for n, r in rows.items() if r["stored_bits_max"] <= budget + SLACK]
-        ours = best([n for n in fits if rows[n]["options"] is not None
-                     and rows[n]["stored_bits_max"] <= budget + SLACK - RESERVE])
-        ours = ours if chosen is None else chosen.get(budget)
+        if chosen is None:
+            ours = best([n for n in fits if rows[n]["options"] is not None
+                         and rows[n]["stored_bits_max"] <= budget + SLACK - RESERVE])
+        else:
+            ours = chosen.get(budget)
         peer = best([n for n in fits if rows[n]["peer"] is not None])
         kivi = best([n for n in fits if _plain_kivi(rows[n]["options"])])
         entry = {"budget_bits": budget}
