@@ -23,7 +23,9 @@ to DynamicCache.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import copy
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
@@ -105,6 +107,7 @@ class GearLayer(CacheLayerMixin):
         self.padding_checked = False  # see packed()
         self.buffer_k: torch.Tensor | None = None  # (batch, kv_heads, n, head_dim)
         self.buffer_v: torch.Tensor | None = None
+        self.fed_at_once = False  # see GearCache.fed_at_once
         self.is_initialized = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor,
@@ -162,6 +165,8 @@ class GearLayer(CacheLayerMixin):
         self._check_like_prompt(key_states)
         self.buffer_k = key_states if self.buffer_k is None else torch.cat([self.buffer_k, key_states], dim=-2)
         self.buffer_v = value_states if self.buffer_v is None else torch.cat([self.buffer_v, value_states], dim=-2)
+        if self.fed_at_once:
+            return self._update_at_once()
         if self.reads_packed:
             assert gear_layer is not None, "packed attention needs the layer index (GearCache.update gives it)"
             keys, values = hand_over(gear_layer, self.packed(), self.get_seq_length())
@@ -169,6 +174,16 @@ class GearLayer(CacheLayerMixin):
             keys, values = self.reconstruct()
         self._flush_full_buffer()  # after: the newest tokens are attended to exactly
         return keys, values
+
+    def _update_at_once(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffer's tokens (new ones appended) flushed as usual -> keys and values for
+        GearCache.fed_at_once's mask: the store rebuilt (now with the chunks just compressed), then
+        every token the buffer held before the flush, exact."""
+        exact = self.buffer_k, self.buffer_v
+        self._flush_full_buffer()
+        if self.decoded[0] is None:
+            return exact
+        return tuple(torch.cat([rebuilt, kept], dim=-2) for rebuilt, kept in zip(self.decoded, exact))
 
     @property
     def reads_packed(self) -> bool:
@@ -399,6 +414,43 @@ class GearCache(Cache):
             if isinstance(layer, GearLayer):
                 layer.mask_pads = self.pad_len
 
+    def can_feed_at_once(self) -> bool:
+        """Whether fed_at_once applies: one row, every layer compressing and attending through its
+        rebuilt copy (the torch path; sliding windows and packed attention feed piece by piece)."""
+        layers = self.layers
+        return bool(layers) and all(isinstance(layer, GearLayer) and layer.is_initialized and not layer.is_sliding
+                                    and not layer.reads_packed and layer.store.batch == 1 for layer in layers)
+
+    @contextmanager
+    def fed_at_once(self, tokens: int) -> Iterator[torch.Tensor]:
+        """Within: the next forward feeds `tokens` tokens at once, each attending to what it would
+        attend to fed one at a time (the store, the chunks compressed before its own, its own chunk's
+        tokens exactly); yields the additive (1, 1, tokens, keys) mask to give that forward as its
+        attention_mask. The cache ends as it would after those tokens one at a time."""
+        assert self.can_feed_at_once(), "fed_at_once needs one row on the torch path without sliding windows"
+        first = self.layers[0]
+        held = 0 if first.decoded[0] is None else first.decoded[0].shape[-2]
+        buffered = 0 if first.buffer_k is None else first.buffer_k.shape[-2]
+        visible = at_once_visibility(held, buffered, tokens, self.config.buffer_size).to(first.device)
+        mask = torch.zeros(visible.shape, dtype=first.dtype, device=first.device)
+        mask = mask.masked_fill(~visible, torch.finfo(first.dtype).min)[None, None]
+        for layer in self.layers:
+            layer.fed_at_once = True
+        try:
+            yield mask
+        finally:
+            for layer in self.layers:
+                layer.fed_at_once = False
+
+    def fork(self) -> GearCache:
+        """A cache in this one's state that then updates on its own: a prompt compressed once,
+        continued several ways. Nothing is copied: a layer replaces what it holds rather than
+        changing it in place (its KVStore is immutable; its buffer and rebuilt copy are new
+        tensors at every update), so the two never see each other's updates."""
+        twin = copy.copy(self)
+        twin.layers = [copy.copy(layer) for layer in self.layers]
+        return twin
+
     def memory_report(self) -> dict:
         """Bytes actually stored, per layer and in total, by component, against DynamicCache.
 
@@ -456,6 +508,22 @@ def model_head_dim(model_config) -> int:
     """The attention head size a model's config declares (its text config's, for multimodal ones)."""
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
+def at_once_visibility(held: int, buffered: int, new: int, chunk: int) -> torch.Tensor:
+    """(new, keys) bool: which keys each of `new` tokens fed at once sees, the keys being the
+    `held` tokens rebuilt from the store, then the rebuilt chunks this update compresses, then the
+    `buffered` + `new` exact tokens of the buffer (flushed ones included).
+
+    Token i sits at buffer position p = buffered + i, in chunk c = p // chunk; fed alone it would
+    see every held token, the chunks before c compressed, and its own chunk's tokens up to itself.
+    """
+    total = buffered + new
+    p = buffered + torch.arange(new)[:, None]  # (new, 1)
+    flushed = torch.arange(total // chunk * chunk)[None, :]
+    exact = torch.arange(total)[None, :]
+    return torch.cat([torch.ones(new, held, dtype=torch.bool), flushed // chunk < p // chunk,
+                      (exact // chunk == p // chunk) & (exact <= p)], dim=1)
 
 
 def _joined(a: tuple, b: tuple) -> tuple:

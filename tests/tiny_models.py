@@ -7,6 +7,8 @@ import torch
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -28,6 +30,8 @@ ARCHITECTURES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
     # Gemma-2 style: sliding-window layers alternate with full ones
     "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"sliding_window": 24, "num_hidden_layers": 4}),
+    # Gemma-3 style: five sliding-window layers to one full one
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {"sliding_window": 24, "num_hidden_layers": 6}),
 }
 
 
