@@ -218,21 +218,33 @@ class GearLayer(CacheLayerMixin):
         self.decoded = None if self.reads_packed else self._restored(self.store.dense())
 
     def _flush_full_buffer(self) -> None:
-        """Compress each full buffer_size tokens of the buffer as a chunk; drop what left the window."""
+        """Compress the buffer's full buffer_size tokens as chunks; drop what left the window.
+
+        All full chunks are compressed in one call, as rows of one batch: each row is compressed
+        on its own, so that is what compressing them one by one stores, with far fewer calls when
+        a forward fed many tokens at once (fed_at_once)."""
         size, rank = self.config.buffer_size, self.config.rank(prompt=False)
         first = self._first_visible()  # flushing moves tokens, it does not add any
-        while self.buffer_k.shape[-2] >= size:
-            k, v = self.buffer_k[:, :, :size], self.buffer_v[:, :, :size]
-            self.buffer_k, self.buffer_v = self.buffer_k[:, :, size:], self.buffer_v[:, :, size:]
-            self._evict(first)  # older tokens first: the chunks stay in position order
-            if self._chunk_end(self.store.dropped + self.store.chunks) <= first:
-                self.store = self.store.with_dropped(1)  # already out of the window: nothing will read it
-                continue
-            keys, values = self._compress(k, "key", rank), self._compress(v, "value", rank)
-            self.store = self.store.appended(keys, values)
-            if self.decoded is not None:  # decompress(chunk) is what the store's dense() gives for it, bitwise
-                self.decoded = _joined(self.decoded, self._restored((decompress(keys), decompress(values))))
-        self._evict(first)
+        self._evict(first)  # older tokens first: the chunks stay in position order
+        full = self.buffer_k.shape[-2] // size
+        k, v = self.buffer_k[:, :, : full * size], self.buffer_v[:, :, : full * size]
+        self.buffer_k, self.buffer_v = self.buffer_k[:, :, full * size :], self.buffer_v[:, :, full * size :]
+        gone = 0  # leading chunks already out of the window: counted, never stored (nothing will read them)
+        while gone < full and self._chunk_end(self.store.dropped + self.store.chunks + gone) <= first:
+            gone += 1
+        self.store = self.store.with_dropped(gone)
+        n = full - gone
+        if not n:
+            return
+        k, v = (_chunk_rows(t[:, :, gone * size :], n) for t in (k, v))  # (n * batch, heads, size, head_dim)
+        keys, values = self._compress(k, "key", rank), self._compress(v, "value", rank)
+        batch = self.store.batch
+        for j in range(n):
+            rows = torch.arange(j * batch, (j + 1) * batch)
+            self.store = self.store.appended(keys.select_rows(rows), values.select_rows(rows))
+        if self.decoded is not None:  # decompress(chunk) is what the store's dense() gives for it, bitwise
+            rebuilt = (_token_axis(decompress(keys), n), _token_axis(decompress(values), n))
+            self.decoded = _joined(self.decoded, self._restored(rebuilt))
 
     def _compress(self, x: torch.Tensor, kind: str, rank: int):
         """x (batch, kv_heads, tokens, head_dim) -> its compressed chunk, rotated first if configured."""
@@ -524,6 +536,18 @@ def at_once_visibility(held: int, buffered: int, new: int, chunk: int) -> torch.
     exact = torch.arange(total)[None, :]
     return torch.cat([torch.ones(new, held, dtype=torch.bool), flushed // chunk < p // chunk,
                       (exact // chunk == p // chunk) & (exact <= p)], dim=1)
+
+
+def _chunk_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(batch, heads, n * size, dim) -> (n * batch, heads, size, dim): chunk j's rows are j * batch + b."""
+    batch, heads, tokens, dim = x.shape
+    return x.reshape(batch, heads, n, tokens // n, dim).permute(2, 0, 1, 3, 4).reshape(n * batch, heads, -1, dim)
+
+
+def _token_axis(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of _chunk_rows: (n * batch, heads, size, dim) -> (batch, heads, n * size, dim)."""
+    rows, heads, size, dim = x.shape
+    return x.reshape(n, rows // n, heads, size, dim).permute(1, 2, 0, 3, 4).reshape(rows // n, heads, n * size, dim)
 
 
 def _joined(a: tuple, b: tuple) -> tuple:

@@ -2,9 +2,11 @@
 
 A request (context, continuation) is cut to the model's length as HFLM cuts it (a
 :class:`Window`): its prompt, what is left of the context, is prefilled with exact attention and
-then compressed; the rest is fed through the compressed cache in pieces that end on the cache's
-buffer flushes (``forcing.buffer_pieces``), so every token sees the cache as in generation. The
-first continuation token is scored by the exact prefill, as the first generated token is.
+then compressed; the rest is fed through the compressed cache so that every token sees the cache
+as in generation: on the torch path many tokens a forward (``GearCache.fed_at_once``: each token
+attends to the chunks compressed before its own and to its own chunk exactly), else in pieces
+that end on the cache's buffer flushes (``forcing.buffer_pieces``). The first continuation token
+is scored by the exact prefill, as the first generated token is.
 
 * :func:`score_one`: one request, one cache: the reference that the tests hold the batched path to;
 * :func:`score_requests`: many requests: each distinct prompt is prefilled alone and compressed
@@ -29,6 +31,10 @@ from .forcing import buffer_pieces
 from .prefill import fill, prefill_alone
 
 Answer = tuple[float, bool]  # (log P(continuation | context), whether every token is the argmax)
+# Tokens fed in one forward (GearCache.fed_at_once), rounded down to whole buffers: a longer
+# continuation goes in pieces of this many, which bounds the mask (piece x keys) and the attention
+# a piece computes beyond the causal part (its compressed and exact copies of its own tokens).
+AT_ONCE_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -111,12 +117,14 @@ def _continued(model, w: Window, cache, first: torch.Tensor, softmax_dtype) -> A
     the rest fed in buffer-aligned pieces, each token scored by the position before it."""
     stream = torch.tensor([w.stream], device=model.device)  # (1, L)
     arg = {cache_kwarg(model): cache}
-    if stream.shape[1] and cache.can_feed_at_once():
-        with cache.fed_at_once(stream.shape[1]) as mask:
-            logits = [first, model(stream, attention_mask=mask, use_cache=True, **arg).logits]
+    size = cache.config.buffer_size
+    logits = [first]
+    if cache.can_feed_at_once():
+        for a, b in buffer_pieces(0, stream.shape[1], 0, size * max(1, AT_ONCE_TOKENS // size)):
+            with cache.fed_at_once(b - a) as mask:
+                logits.append(model(stream[:, a:b], attention_mask=mask, use_cache=True, **arg).logits)
     else:
-        logits = [first] + [model(stream[:, a:b], use_cache=True, **arg).logits
-                            for a, b in buffer_pieces(0, stream.shape[1], 0, cache.config.buffer_size)]
+        logits += [model(stream[:, a:b], use_cache=True, **arg).logits for a, b in buffer_pieces(0, stream.shape[1], 0, size)]
     targets = torch.tensor([w.targets], device=model.device)
     logprobs, hits = token_scores(torch.cat(logits, dim=1), targets, softmax_dtype)  # (1, L + 1)
     return _answer(logprobs[0], hits[0])

@@ -9,10 +9,11 @@ import random
 import pytest
 import torch
 
-from gear_kernels import GearConfig
+from gear_kernels import GearConfig, compress
 from gear_kernels.codecs import METHODS
 from lm_eval_gear import GearCache
 from lm_eval_gear.cache import at_once_visibility
+from lm_eval_gear import scoring
 from lm_eval_gear.scoring import score_one, window
 from tiny_models import VOCAB, tiny_model
 
@@ -37,9 +38,12 @@ def _windows(seed: int = 0) -> list:
             for n, m in ((5, 30), (20, 3), (33, 17), (2, 60))]
 
 
-@pytest.mark.parametrize("options", [{}, {"rotation": "hadamard", "sink_tokens": 3}])
+@pytest.mark.parametrize("options", [{}, {"rotation": "hadamard", "sink_tokens": 3}, {"at once": 8}])
 @pytest.mark.parametrize("method", COMPRESSING)
 def test_at_once_scores_as_piece_by_piece(method, options, monkeypatch):
+    """{"at once": 8}: continuations fed 8 tokens (two chunks) a forward rather than whole."""
+    options = dict(options)
+    monkeypatch.setattr(scoring, "AT_ONCE_TOKENS", options.pop("at once", scoring.AT_ONCE_TOKENS))
     model, config = tiny_model("llama")
     settings = GearConfig(method=method, bits=2, group_size=8, buffer_size=4, **options)
     caches = {"at once": [], "pieces": []}
@@ -64,3 +68,18 @@ def test_at_once_scores_as_piece_by_piece(method, options, monkeypatch):
             # the same tokens, computed in one forward instead of several: float rounding apart
             assert torch.allclose(x.decoded[0], y.decoded[0], atol=1e-3)
             assert torch.allclose(x.buffer_k, y.buffer_k, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", COMPRESSING)
+def test_chunks_compressed_together_are_chunks_compressed_alone(method):
+    """A flush compresses all its chunks in one call, as rows of one batch: each row on its own,
+    so the stored tensors are bitwise those of compressing each chunk alone."""
+    settings = GearConfig(method=method, bits=2, group_size=8)
+    chunks = torch.randn(5, 2, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # 5 chunks of (2, 3, 16, 16)
+    together = compress(chunks.reshape(10, 3, 16, 16), settings, "key", 2)
+    for j in range(5):
+        alone = compress(chunks[j], settings, "key", 2)
+        mine = together.select_rows(torch.arange(2 * j, 2 * j + 2))
+        assert mine.tensors().keys() == alone.tensors().keys()
+        for name, tensor in alone.tensors().items():
+            assert torch.equal(mine.tensors()[name], tensor), name
