@@ -12,8 +12,8 @@ It overrides as little of HFLM as it can (like lm-eval's own ``hf_steered.py``):
 * ``_loglikelihood_tokens`` (loglikelihood and loglikelihood_rolling) scores requests one at a
   time through a GEAR cache (``lm_eval_gear.scoring``): each distinct context is prefilled with
   exact attention and compressed once, then each continuation is fed through its own fork of
-  that cache in buffer-aligned pieces, so every scored token sees the cache exactly as it would
-  had the model generated it, and the answers are bitwise the same at every batch size. Under
+  that cache, so that every scored token sees the cache exactly as it would had the model
+  generated it, and the answers are bitwise the same at every batch size. Under
   ``method=none`` there is nothing to compress and HFLM's own batched path runs unchanged, so
   the numbers equal ``--model hf``'s.
 * ``get_model_info`` adds the GEAR config and the measured KV memory to lm-eval's results

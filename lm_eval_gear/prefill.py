@@ -29,16 +29,16 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer, keys and values (batc
 CACHE_KWARGS = ("cache", "past_key_values")  # what transformers releases call the forward's cache argument
 
 
+@torch.no_grad()
 def _prefill_output(model, prompt: Sequence[int]):
-    """The model's output for one prompt alone, with an exact cache (``.cache``-like entry) that
-    keeps every token: DynamicCache without a config holds full layers only."""
+    """(the model's output, the exact cache it filled) for one prompt alone; a DynamicCache
+    without a config, whose layers all keep every token."""
     exact = DynamicCache()
     ids = torch.tensor([list(prompt)], device=model.device)
     out = model(ids, use_cache=True, **{cache_kwarg(model): exact}, **last_logits_kwargs(model))
     return out, exact
 
 
-@torch.no_grad()
 def prefill_alone(model, prompt: Sequence[int]) -> tuple[torch.Tensor, KV]:
     """One prompt -> its next-token logits (1, 1, vocab) and, per layer, its keys and values
     (1, kv_heads, tokens, head_dim)."""
