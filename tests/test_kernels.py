@@ -74,10 +74,10 @@ QUANT_CASES = [  # backbone, bits, batch, tokens, head_dim, dtype, group_size
     ("kivi", 3, 1, 70, 128, torch.bfloat16, 64),
     ("kivi", 4, 1, 101, 64, torch.float16, 64),
     ("kivi", 8, 3, 19, 128, torch.bfloat16, 16),
-    ("kcvt", 2, 1, 53, 128, torch.bfloat16, 64),
-    ("kcvt", 3, 3, 21, 64, torch.float16, 64),
-    ("kcvt", 4, 1, 66, 64, torch.float32, 64),
-    ("kcvt", 8, 1, 41, 128, torch.float16, 64),
+    ("kcvt", 2, 1, 53, 128, torch.bfloat16, None),  # kcvt: whole groups, no size
+    ("kcvt", 3, 3, 21, 64, torch.float16, None),
+    ("kcvt", 4, 1, 66, 64, torch.float32, None),
+    ("kcvt", 8, 1, 41, 128, torch.float16, None),
     ("flexgen", 2, 1, 29, 128, torch.float16, 48),
     ("flexgen", 3, 3, 45, 64, torch.bfloat16, 64),
     ("flexgen", 4, 1, 77, 128, torch.bfloat16, 32),
@@ -160,12 +160,12 @@ ATTN_CASES = [
     ("gear", "kivi", 2, 64, 64, 128, 1, 1, 1, torch.float16, (101,), 1, 5, None, None),
     ("gear", "kivi", 2, 32, 48, 64, 3, 3, 1, torch.bfloat16, (150, 97, 3), 2, 7, 16, 48),
     ("gear", "flexgen", 4, 64, 64, 128, 8, 3, 1, torch.float16, (77, 77, 60), 0, 3, 32, None),
-    ("gear-l", "kcvt", 3, 64, 64, 64, 3, 1, 3, torch.bfloat16, (45,), 1, 9, None, None),
+    ("gear-l", "kcvt", 3, None, 64, 64, 3, 1, 3, torch.bfloat16, (45,), 1, 9, None, None),
     ("kivi", "kivi", 8, 64, 32, 128, 1, 3, 1, torch.float16, (90, 12, 50), 2, 0, 32, 64),
     ("gear", "kivi", 3, 64, 64, 128, 8, 3, 1, torch.bfloat16, (70, 0, 33), 1, 2, 32, 32),
     ("gear", "kivi", 2, 64, 64, 64, 1, 1, 1, torch.float32, (130,), 0, 1, None, None),
     ("gear", "kivi", 2, 16, 16, 64, 3, 1, 1, torch.float16, (70,), 3, 0, 32, None),
-    ("gear", "kcvt", 4, 8, 8, 16, 3, 3, 1, torch.bfloat16, (21, 8, 5), 2, 4, 16, 16),
+    ("gear", "kcvt", 4, None, 8, 16, 3, 3, 1, torch.bfloat16, (21, 8, 5), 2, 4, 16, 16),
     ("gear", "kivi", 2, 64, 64, 64, 4, 2, 1, torch.float16, None, 2, 3, None, None),  # streamed chunks only
 ]
 
