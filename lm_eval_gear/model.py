@@ -269,9 +269,9 @@ class GearHFLM(HFLM):
         detection elsewhere.
 
         HFLM's detection runs five forward passes of max_batch_size (64) rows at the longest length
-        and backs off only when an allocation fails; on a CPU, which has memory enough to try,
-        SmolLM2 (8192 positions, 49k vocabulary) spent 363-439 s and 19.7 GB there, against 41 s
-        for a whole run at batch size 1.
+        and backs off only when an allocation fails, which a CPU with memory to spare rarely does:
+        on SmolLM2 (8192 positions, 49k vocabulary) 363-439 s and 19.7 GB, and still 788 s and
+        6.6 GB with max_batch_size=1, against 0.001 s here (docs/gear_hf.md has the runs).
         """
         if self.device.type != "cpu":
             return super()._detect_batch_size(requests, pos)
