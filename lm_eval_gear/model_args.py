@@ -37,8 +37,8 @@ PEER_NAMES: dict[str, tuple[str, ...]] = {
 # Words of GEAR option names that no HFLM, from_pretrained or model-config argument holds (checked
 # against every transformers config in tests/test_model_args.py): a key holding one of them, or
 # a slip of one, is a GEAR option misspelt. Other words (rank, method, buffer: kv_lora_rank,
-# topk_method, offload_buffers; sink: index_num_sink_tokens) count only in a key made of option
-# words alone.
+# topk_method, offload_buffers; sink: index_num_sink_tokens) count only where a key names an
+# option's words one for one, or its first words (gear_option_guesses).
 GEAR_WORDS = ("bits", "outlier", "rotation")
 # endings dropped before words are compared, so that rotate, rotations and rotation are one word
 SUFFIXES = ("ions", "ion", "es", "s", "e")
