@@ -15,6 +15,11 @@ from __future__ import annotations
 import torch
 
 
+def rotation_of(config) -> str:
+    """A GearConfig's rotation; codecs that quantize nothing (none) have no such option."""
+    return getattr(config.codec, "rotation", "none")
+
+
 def check_head_dim(head_dim: int) -> None:
     if head_dim < 1 or head_dim & (head_dim - 1):
         raise ValueError(f"rotation=hadamard needs a power-of-two head_dim, this model has {head_dim}: "

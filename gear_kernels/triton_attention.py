@@ -477,6 +477,7 @@ def _offsets(counts: torch.Tensor) -> torch.Tensor:
     return (torch.cumsum(counts, 0) - counts).to(torch.int64)
 
 
+@td.launches_on_input_device
 def decode_attention_triton(
     q: torch.Tensor,
     store: KVStore | None,

@@ -6,6 +6,8 @@ each program as numpy code: it wants few, large blocks, so CPU tensors get their
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 
@@ -23,6 +25,25 @@ def check_device(device: torch.device) -> None:
             f"the Triton kernels need CUDA tensors (got {device}); use kernel='torch', or set "
             "TRITON_INTERPRET=1 to run them on CPU (slow, for tests)"
         )
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Where to launch a kernel on `device`'s tensors: Triton launches on the current CUDA device,
+    not the tensors' (model parallel, parallelize=True, spreads the layers over GPUs), so a CUDA
+    device is made the current one; CPU tensors (the interpreter) need nothing."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def launches_on_input_device(wrapper):
+    """Decorator of a kernel wrapper whose first argument is a tensor: every launch in it goes to
+    that tensor's device (on_device)."""
+
+    @functools.wraps(wrapper)
+    def run(first: torch.Tensor, *args, **kwargs):
+        with on_device(first.device):
+            return wrapper(first, *args, **kwargs)
+
+    return run
 
 
 def interpreter_sizes(device: torch.device) -> bool:

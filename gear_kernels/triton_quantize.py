@@ -183,6 +183,7 @@ def _new(shape, dtype, device) -> torch.Tensor:
     return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
 
 
+@td.launches_on_input_device
 def quantize_pack(
     x: torch.Tensor,
     exclude: torch.Tensor | None,

@@ -32,7 +32,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 from gear_kernels import GearConfig, decompress, resolve_kernel
 from gear_kernels.dispatch import compress
-from gear_kernels.rotation import check_head_dim, hadamard_signs, rotate, unrotate
+from gear_kernels.rotation import check_head_dim, hadamard_signs, rotate, rotation_of, unrotate
 from gear_kernels.store import KVStore, SinkPart
 
 from .attention import PackedKV, hand_over, uses_gear_attention
@@ -121,7 +121,7 @@ class GearLayer(CacheLayerMixin):
             )
         self.pad_len = self._prompt_padding(key_states.shape[0], key_states.shape[-2], position_ids)
         # (head_dim,) signs of the Hadamard rotation (gear_kernels.rotation), or None
-        self.rotation = None if _rotation(self.config) == "none" else \
+        self.rotation = None if rotation_of(self.config) == "none" else \
             hadamard_signs(key_states.shape[-1], self.config.seed).to(self.device)
         self.is_initialized = True
 
@@ -389,7 +389,7 @@ class GearCache(Cache):
     def __init__(self, config: GearConfig | Mapping[str, Any], model_config=None,
                  attention_mask: torch.Tensor | None = None):
         self.config = _as_config(config)
-        if model_config is not None and _rotation(self.config) == "hadamard":
+        if model_config is not None and rotation_of(self.config) == "hadamard":
             check_head_dim(model_head_dim(model_config))  # now, rather than at the first forward
         self.pad_len = _mask_pads(attention_mask)
         self.packed_attention = uses_gear_attention(model_config)
@@ -509,11 +509,6 @@ def _layer_report(layer: CacheLayerMixin) -> dict:
         dense += t.numel() * t.element_size()
     working = layer.working_bytes() if isinstance(layer, GearLayer) else 0
     return {"bytes": parts, "elements": elements, "dense_bytes": dense, "working_bytes": working}
-
-
-def _rotation(config: GearConfig) -> str:
-    """The config's rotation; codecs that quantize nothing (none) have no such option."""
-    return getattr(config.codec, "rotation", "none")
 
 
 def model_head_dim(model_config) -> int:

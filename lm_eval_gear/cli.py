@@ -17,7 +17,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from .gate import (
-    FAIL, Tolerances, UsageError, compare, find_results, read_baseline, read_json, summarize, table, to_json,
+    BASELINE_NAME, FAIL, Tolerances, UsageError, compare, find_results, is_results_file, read_baseline, read_json,
+    summarize, table, to_json,
 )
 
 TOLERANCE_HELP = {
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
 def _baseline(args: argparse.Namespace) -> int:
     source = find_results(args.results)
     summary = summarize(read_json(source, "results file"), source)
+    if is_results_file(args.output):
+        raise UsageError(
+            f"{args.output} is an lm-eval results file; writing the baseline there would overwrite it: "
+            f"pass another -o, e.g. -o {BASELINE_NAME}"
+        )
     try:
         args.output.write_text(to_json(summary), encoding="utf-8")
     except OSError as exc:

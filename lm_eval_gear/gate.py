@@ -26,6 +26,10 @@ PASS, FAIL, INFO = "ok", "FAIL", "info"
 OPERATORS = {"<=": operator.le, ">=": operator.ge, "=": operator.eq}  # NaN meets none of them
 
 
+# what the messages suggest naming a baseline made from a results file (never the results file)
+BASELINE_NAME = "gear_baseline.json"
+
+
 class UsageError(Exception):
     """The inputs cannot be compared (missing, malformed, another workload): exit 2, not 1."""
 
@@ -87,10 +91,23 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
+def is_results(data: Any) -> bool:
+    """Whether parsed JSON is an lm-eval results file (an object with config and results)."""
+    return isinstance(data, dict) and isinstance(data.get("config"), dict) and isinstance(data.get("results"), dict)
+
+
+def is_results_file(path: Path) -> bool:
+    """Whether `path` holds an lm-eval results file (False for anything unreadable or else)."""
+    try:
+        return path.is_file() and is_results(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):  # unreadable, or not JSON
+        return False
+
+
 def summarize(results: dict, source: Path) -> dict:
     """What a gate needs from an lm-eval results dict, as the baseline file holds it."""
     config, metrics = results.get("config"), results.get("results")
-    if not isinstance(config, dict) or not isinstance(metrics, dict):
+    if not is_results(results):
         raise UsageError(
             f"{source} is not an lm-eval results file (no config or results): pass the "
             f"results_*.json that lm_eval --output_path wrote"
@@ -144,6 +161,12 @@ def _is_metric(key: str, value: Any) -> bool:
 def read_baseline(path: Path) -> dict:
     data = read_json(path, "baseline")
     remake = f"make one with lm-eval-gear baseline RESULTS -o {path}"
+    if data.get("format") != FORMAT and is_results(data):
+        # "-o {path}" would overwrite the results with the baseline
+        raise UsageError(
+            f"{path} is an lm-eval results file, not a baseline: make the baseline from it with "
+            f"lm-eval-gear baseline {path} -o {BASELINE_NAME}, then pass --baseline {BASELINE_NAME}"
+        )
     if data.get("format") != FORMAT:
         raise UsageError(f'{path} is not a baseline file (no "format": "{FORMAT}"): {remake}')
     if data.get("format_version") != FORMAT_VERSION:

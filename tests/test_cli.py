@@ -11,8 +11,10 @@ All lm_eval processes start at once (they are mostly import time) in one module 
         JSON and the printed summary hold the GEAR config and the measured KV memory; with
         `fidelity=true`, and gear4 the same at 4 bits: the CI gate passes a run against its own
         baseline and fails the 2-bit run against the 4-bit one;
-* bad:  `bits=5`: exits at once (before any model loads) with one line naming it; so does
-  `method=kivi,rank_prompt=8` (an option kivi does not use);
+* bad:  `bits=5`: exits at once (before any model loads) with one line naming it; so do
+  `method=kivi,rank_prompt=8` (an option kivi does not use), `dtype=float64`, `rotation=hadamard`
+  on a Phi-3 config (head_dim 96), and the literal `lm_eval --model gear-hf --tasks gsm8k_cot`
+  offline (its hub dataset is not cached: the message names the shipped gsm8k_cot_gear);
 * cached2, cached4: the generation task with `--use_cache` on one path at bits 2 and 4: each
         configuration gets its own response-cache file (a rerun then reads it);
 * probe: a bare `python` that checks what the start-up hook costs and registers;
@@ -36,6 +38,7 @@ import time
 from pathlib import Path
 
 import pytest
+from transformers import Phi3Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 from tiny_lm import TASKS_DIR, build_tiny_lm, write_task_data  # noqa: E402
@@ -89,6 +92,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     model = str(build_tiny_lm(root / "model"))
     sliding = str(build_tiny_lm(root / "sliding", sliding_window=8))
+    phi3 = root / "phi3"  # a config (head_dim 96) and no weights: loading it would fail on them
+    Phi3Config(hidden_size=192, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+               num_hidden_layers=1, vocab_size=64).save_pretrained(phi3)
     data = write_task_data(root / "data")
     env = {
         **os.environ,
@@ -122,6 +128,15 @@ def runs(tmp_path_factory):
             lm_eval, "--model", "gear-hf", "--model_args", "pretrained=/nonexistent/model,method=kivi,rank_prompt=8",
             "--tasks", "gear_cli_gen", "--include_path", str(TASKS_DIR),
         ],
+        "float64": [
+            lm_eval, "--model", "gear-hf", "--model_args", "pretrained=/nonexistent/model,method=kivi,dtype=float64",
+            "--tasks", "gear_cli_gen", "--include_path", str(TASKS_DIR),
+        ],
+        "hadamard96": [
+            lm_eval, "--model", "gear-hf", "--model_args", f"pretrained={phi3},method=kivi,rotation=hadamard",
+            "--tasks", "gear_cli_gen", "--include_path", str(TASKS_DIR),
+        ],
+        "twin": [lm_eval, "--model", "gear-hf", "--tasks", "gsm8k_cot"],  # as a user types it, offline
         "probe": [sys.executable, "-c", PROBE],
         "slide_hf": [lm_eval, "--model", "hf", "--model_args", f"pretrained={sliding}", *common(SLIDING_TASKS)],
         "slide_gear": [lm_eval, "--model", "gear-hf", "--model_args", f"pretrained={sliding},method=kivi,bits=2,buffer_size=4,"
@@ -266,6 +281,23 @@ def test_option_the_method_does_not_use_stops_at_once(runs):
     assert "lm_eval: error: gear-hf: invalid --model_args: method 'kivi' does not use rank_prompt; it takes bits, " \
         in unused["stderr"]
     assert "Traceback" not in unused["stderr"] and "nonexistent" not in unused["stderr"]
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("float64", "lm_eval: error: gear-hf: invalid --model_args: dtype=float64 cannot be compressed: GEAR compresses "
+     "float32, float16, bfloat16 caches; use one of those, or method=none to run uncompressed\n"),
+    ("hadamard96", "lm_eval: error: gear-hf: invalid --model_args: rotation=hadamard needs a power-of-two head_dim, "
+     "this model has 96: use rotation=none\n"),
+    ("twin", "lm_eval: error: gsm8k_cot reads openai/gsm8k from the Hugging Face hub, which is offline here "
+     "(HF_HUB_OFFLINE or HF_DATASETS_OFFLINE) and holds no copy in the local cache: use --tasks gsm8k_cot_gear, its "
+     "twin shipped with lm-eval-gear (the same test set, few-shot chain of thought; nothing to download)\n"),
+])
+def test_what_the_config_can_tell_stops_before_the_model_loads(runs, name, message):
+    run = runs[name]
+    assert run["rc"] == 2, run["stderr"][-3000:]
+    assert run["stderr"].endswith(message)
+    assert "Traceback" not in run["stderr"] and "Loading weights" not in run["stderr"]
+    assert run["seconds"] < min(runs[n]["seconds"] for n in ("hf", "none", "gear"))
 
 
 def test_startup_hook_is_cheap_and_registers_everything(runs):

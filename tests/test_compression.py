@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from gear_kernels import CompressedChunk, GearConfig, bits_per_element, compress, decompress
 from gear_kernels.codecs import CODECS, METHODS
+from gear_kernels.codecs.kivi import WHOLE_GROUPS
 from gear_kernels.config import SHARED
 from gear_kernels.outliers import index_dtype
 from gear_kernels.packing import packed_length
@@ -28,8 +29,11 @@ FP16_MAX = torch.finfo(torch.float16).max
 
 
 def config_of(method: str, **options) -> GearConfig:
-    """GearConfig of `method` with those of `options` it takes (it refuses the others)."""
+    """GearConfig of `method` with those of `options` it takes (it refuses the others; backbone kcvt,
+    whose groups are whole, takes no group_size)."""
     takes = (*CODECS[method].options(), *SHARED)
+    if options.get("backbone") in WHOLE_GROUPS:
+        takes = tuple(k for k in takes if k != "group_size")
     return GearConfig(method=method, **{k: v for k, v in options.items() if k in takes})
 
 
@@ -125,7 +129,7 @@ def test_none_is_exact_even_for_special_values(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_without_lowrank_entries_within_half_step(method, rank, bits, backbone, kind, dtype):
     x = with_outliers(randn(2, 3, 37, 40, dtype=dtype))  # 37 tokens, 40 channels: partial groups of 16
-    chunk = compress(x, GearConfig(method=method, bits=bits, backbone=backbone, group_size=16), kind, rank)
+    chunk = compress(x, config_of(method, bits=bits, backbone=backbone, group_size=16), kind, rank)
     assert chunk.lowrank_a is None
     assert_within_half_step(x, chunk)
 
@@ -230,7 +234,7 @@ def test_error_gear_below_gear_l_below_kivi_with_outliers(bits, backbone, kind):
 def test_batch_rows_compress_as_if_alone(method, backbone, kind):
     x = with_outliers(randn(3, 2, 45, 40))
     x[1] *= 100  # a very different neighbour must not change a row's bytes
-    config = GearConfig(method=method, backbone=backbone, group_size=32)
+    config = config_of(method, backbone=backbone, group_size=32)
     together = compress(x, config, kind)
     for row in range(3):
         assert_same_bytes(together.select_rows(torch.tensor([row])), compress(x[row:row + 1], config, kind))
@@ -405,7 +409,7 @@ def configs(draw) -> GearConfig:
     """A lossy method with random values of the options it takes."""
     method = draw(st.sampled_from(LOSSY))
     options = {k: draw(v) for k, v in OPTION_VALUES.items() if k in CODECS[method].options()}
-    return GearConfig(method=method, seed=draw(st.integers(0, 100)), **options)
+    return config_of(method, seed=draw(st.integers(0, 100)), **options)
 
 
 @PROPERTY

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
 import re
 
@@ -10,6 +11,7 @@ import pytest
 
 from gear_kernels import GearConfig, GearConfigError
 from gear_kernels.codecs import CODECS, METHODS
+from gear_kernels.codecs.kivi import BACKBONES
 from gear_kernels.config import SHARED
 
 
@@ -194,6 +196,32 @@ def test_from_options_round_trips_as_dict():
     config = GearConfig(method="gear-l", bits=3, backbone="flexgen", group_size=32, seed=7)
     assert GearConfig.from_options(config.as_dict()) == config
     assert set(config.as_dict()) < set(GearConfig.field_names())
+
+
+BACKBONE_CASES = [(method, backbone) for method in METHODS if "backbone" in CODECS[method].options()
+                  for backbone in BACKBONES]
+
+
+@pytest.mark.parametrize("method, backbone", BACKBONE_CASES)
+def test_from_options_round_trips_as_dict_for_every_method_and_backbone(method, backbone):
+    config = GearConfig(method=method, backbone=backbone)
+    assert GearConfig.from_options(config.as_dict()) == config
+    assert GearConfig.from_options(json.loads(json.dumps(config.as_dict()))) == config  # as a results file holds it
+
+
+@pytest.mark.parametrize("method", [m for m, _ in BACKBONE_CASES if _ == "kcvt"])
+def test_kcvt_takes_no_group_size(method):
+    """kcvt groups keys over the whole chunk and values over the whole vector: a group_size would be ignored."""
+    message = (f"GearConfig.group_size=32 is invalid (method {method!r}): backbone 'kcvt' groups keys over the whole "
+               "chunk and values over the whole vector, so it takes no group_size; drop it, or use backbone kivi or flexgen")
+    with pytest.raises(GearConfigError) as raised:
+        GearConfig(method=method, backbone="kcvt", group_size=32)
+    assert str(raised.value) == message
+    with pytest.raises(GearConfigError, match=re.escape(message)):
+        GearConfig.from_options({"method": method, "backbone": "kcvt", "group_size": "32"})
+    assert GearConfig(method=method, backbone="kcvt").group_size is None
+    assert GearConfig(method=method, backbone="kcvt") != GearConfig(method=method)  # kivi's group is 64
+    assert GearConfig(method=method, backbone="flexgen").group_size == 64
 
 
 def test_from_options_unknown_key_lists_valid_ones():

@@ -287,12 +287,39 @@ def test_malformed_files(tmp_path, baseline, capsys):
     )
 
 
-def test_a_results_file_is_no_baseline(tmp_path, capsys):
+def test_a_results_file_is_no_baseline(tmp_path, capsys, monkeypatch):
+    """`gate out --baseline out/x/results_*.json`: the fix it names makes a baseline beside, and
+    running that fix as printed works and leaves the results file as it was."""
     results = write_run(tmp_path / "now", gear_results())
-    assert main(["gate", str(results), "--baseline", str(results)]) == 2
+    before = results.read_text()
+    assert main(["gate", str(tmp_path / "now"), "--baseline", str(results)]) == 2
     err = capsys.readouterr().err
-    assert "is not a baseline file" in err
-    assert f"make one with lm-eval-gear baseline RESULTS -o {results}" in err
+    assert err == (f"lm-eval-gear gate: error: {results} is an lm-eval results file, not a baseline: make the "
+                   f"baseline from it with lm-eval-gear baseline {results} -o gear_baseline.json, then pass "
+                   "--baseline gear_baseline.json\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["baseline", str(results), "-o", "gear_baseline.json"]) == 0
+    assert main(["gate", str(tmp_path / "now"), "--baseline", "gear_baseline.json"]) == 0
+    assert results.read_text() == before
+
+    other = tmp_path / "other.json"  # a JSON file that is neither: the baseline may go there
+    other.write_text("{}")
+    assert main(["gate", str(results), "--baseline", str(other)]) == 2
+    assert f"is not a baseline file (no \"format\": \"lm-eval-gear-baseline\"): make one with lm-eval-gear " \
+        f"baseline RESULTS -o {other}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("onto", ["itself", "another results file"])
+def test_a_baseline_never_overwrites_a_results_file(tmp_path, capsys, onto):
+    results = write_run(tmp_path / "now", gear_results())
+    target = results if onto == "itself" else write_run(tmp_path / "older", gear_results(), "2026-11-30T08-00-00.0")
+    before = target.read_text()
+    assert main(["baseline", str(results), "-o", str(target)]) == 2
+    assert capsys.readouterr().err == (
+        f"lm-eval-gear baseline: error: {target} is an lm-eval results file; writing the baseline there would "
+        "overwrite it: pass another -o, e.g. -o gear_baseline.json\n"
+    )
+    assert target.read_text() == before
 
 
 def test_empty_output_folder(tmp_path, baseline, capsys):

@@ -15,7 +15,7 @@ from lm_eval.models.huggingface import HFLM
 
 from gear_kernels import GearConfigError
 from lm_eval_gear.forcing import forward_with_cache
-from lm_eval_gear.model import GearHFLM, summary_line
+from lm_eval_gear.model import GearHFLM, rows_that_fit, summary_line
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 from tiny_lm import build_tiny_lm  # noqa: E402
@@ -172,6 +172,74 @@ def test_model_info_holds_config_and_memory(tiny, capsys):
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1] == summary_line(info["gear"])
     assert printed[-1].startswith("gear-hf: method=gear bits=4 backbone=kivi")
+
+
+def test_a_cache_larger_than_dense_is_said_so(tiny, capsys, caplog):
+    """outlier_ratio=0.99 keeps nearly every entry as a value and its index: the summary says
+    "larger than dense" (not "0.65x smaller"), and the model warns as soon as it is built."""
+    with caplog.at_level("WARNING", logger="lm_eval_gear.model"):
+        lm = GearHFLM(pretrained=tiny, device="cpu", batch_size=2, method="gear", bits=2, outlier_ratio=0.99, **SMALL)
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "lm_eval_gear.model"]
+    assert warning.startswith("gear-hf: this configuration stores ") and "outliers " in warning
+    assert warning.endswith("more than the 32 of the uncompressed cache: the compressed cache will be the larger")
+    lm.generate_until(_gen_requests(TEXTS[:2]), disable_tqdm=True)
+    summary = lm.gear_summary()
+    ratio = summary["memory"]["ratio"]
+    assert ratio < 1
+    assert f"{1 / ratio:.2f}x larger than dense;" in summary_line(summary) and "smaller" not in summary_line(summary)
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lm_eval_gear.model"):
+        GearHFLM(pretrained=tiny, device="cpu", batch_size=2, method="gear", bits=2, **SMALL)
+    assert [r for r in caplog.records if r.name == "lm_eval_gear.model"] == []  # smaller than dense: no word
+
+
+def test_sinks_that_cover_every_prompt_are_said_so(tiny):
+    lm = GearHFLM(pretrained=tiny, device="cpu", batch_size=1, method="kivi", bits=2, sink_tokens=64)
+    lm.generate_until(_gen_requests(TEXTS, max_gen_toks=8), disable_tqdm=True)  # short prompts, no chunk flushed
+    summary = lm.gear_summary()
+    assert summary["memory"]["bytes"]["codes"] == 0 and summary["memory"]["bytes"]["sinks"] > 0
+    assert summary["memory"]["ratio"] == 1
+    assert "as large as dense (nothing was compressed: sink_tokens=64 covered every prompt);" in summary_line(summary)
+    few = GearHFLM(pretrained=tiny, device="cpu", batch_size=2, method="kivi", bits=2, sink_tokens=2)
+    few.generate_until(_gen_requests(TEXTS, max_gen_toks=8), disable_tqdm=True)
+    assert "nothing was compressed" not in summary_line(few.gear_summary())
+
+
+def test_auto_batch_size_on_cpu_is_what_fits_without_a_trial_run(tiny, monkeypatch):
+    """HFLM's detection runs five forward passes of 64 rows at full length on a CPU (minutes, tens
+    of GB on SmolLM2); on CPU gear-hf sizes the batch from the free memory instead."""
+    import psutil
+
+    def no_trial(*args, **kwargs):
+        raise AssertionError("HFLM's detection ran")
+
+    monkeypatch.setattr(HFLM, "_detect_batch_size", no_trial)
+    lm = GearHFLM(pretrained=tiny, device="cpu", batch_size="auto", method="gear", bits=2, **SMALL)
+    free = psutil.virtual_memory().available
+    expected = rows_that_fit(free // 2, lm.max_length, lm.model.config, lm.model.dtype, lm.max_batch_size)
+    assert lm._detect_batch_size() == expected == 64  # the tiny model fits 64 rows of 256 tokens
+    outs = lm.generate_until(_gen_requests(TEXTS, max_gen_toks=16), disable_tqdm=True)
+    one = GearHFLM(pretrained=tiny, device="cpu", batch_size=1, method="gear", bits=2, **SMALL)
+    assert outs == one.generate_until(_gen_requests(TEXTS, max_gen_toks=16), disable_tqdm=True)
+    requests = _ll_requests()
+    batched, alone = lm._loglikelihood_tokens(requests), one._loglikelihood_tokens(requests)
+    assert [ll for ll, _ in batched] == pytest.approx([ll for ll, _ in alone], abs=1e-4)
+
+
+def test_rows_that_fit_count_logits_cache_and_scores():
+    """SmolLM2-135M's shapes (fp32): a row of 8192 tokens holds 8192 x (2 x 49152 x 4 logits and
+    log-softmax + 2 x 2 x 30 x 3 x 64 x 4 cache + 9 x 8192 x 4 scores) bytes, 6.4 GB."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64)
+    row = 8192 * (2 * 49152 * 4 + 2 * 2 * 30 * 3 * 64 * 4 + 9 * 8192 * 4)
+    assert rows_that_fit(3 * row, 8192, config, torch.float32, 64) == 3
+    assert rows_that_fit(3 * row - 1, 8192, config, torch.float32, 64) == 2
+    assert rows_that_fit(row // 2, 8192, config, torch.float32, 64) == 1  # never 0: batch 1 always runs
+    assert rows_that_fit(10**15, 8192, config, torch.float32, 64) == 64  # at most max_batch_size
+    assert rows_that_fit(3 * row, 8192, config, torch.bfloat16, 64) > 3  # half the bytes a logit
 
 
 @pytest.mark.slow

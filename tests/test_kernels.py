@@ -10,7 +10,10 @@ are forced down where a test needs several tiles, splits or outlier blocks.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
+import re
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -24,6 +27,7 @@ from gear_kernels import GearConfig, compress, decompress, resolve_kernel  # noq
 from gear_kernels import dispatch  # noqa: E402
 from gear_kernels.codecs import CODECS  # noqa: E402
 from gear_kernels import triton_attention as ta  # noqa: E402
+from gear_kernels import triton_device as td  # noqa: E402
 from gear_kernels import triton_quantize as tq  # noqa: E402
 from gear_kernels.attention_reference import decode_attention_torch  # noqa: E402
 from gear_kernels.store import KVStore, SinkPart  # noqa: E402
@@ -74,10 +78,10 @@ QUANT_CASES = [  # backbone, bits, batch, tokens, head_dim, dtype, group_size
     ("kivi", 3, 1, 70, 128, torch.bfloat16, 64),
     ("kivi", 4, 1, 101, 64, torch.float16, 64),
     ("kivi", 8, 3, 19, 128, torch.bfloat16, 16),
-    ("kcvt", 2, 1, 53, 128, torch.bfloat16, 64),
-    ("kcvt", 3, 3, 21, 64, torch.float16, 64),
-    ("kcvt", 4, 1, 66, 64, torch.float32, 64),
-    ("kcvt", 8, 1, 41, 128, torch.float16, 64),
+    ("kcvt", 2, 1, 53, 128, torch.bfloat16, None),  # kcvt: whole groups, no size
+    ("kcvt", 3, 3, 21, 64, torch.float16, None),
+    ("kcvt", 4, 1, 66, 64, torch.float32, None),
+    ("kcvt", 8, 1, 41, 128, torch.float16, None),
     ("flexgen", 2, 1, 29, 128, torch.float16, 48),
     ("flexgen", 3, 3, 45, 64, torch.bfloat16, 64),
     ("flexgen", 4, 1, 77, 128, torch.bfloat16, 32),
@@ -160,12 +164,12 @@ ATTN_CASES = [
     ("gear", "kivi", 2, 64, 64, 128, 1, 1, 1, torch.float16, (101,), 1, 5, None, None),
     ("gear", "kivi", 2, 32, 48, 64, 3, 3, 1, torch.bfloat16, (150, 97, 3), 2, 7, 16, 48),
     ("gear", "flexgen", 4, 64, 64, 128, 8, 3, 1, torch.float16, (77, 77, 60), 0, 3, 32, None),
-    ("gear-l", "kcvt", 3, 64, 64, 64, 3, 1, 3, torch.bfloat16, (45,), 1, 9, None, None),
+    ("gear-l", "kcvt", 3, None, 64, 64, 3, 1, 3, torch.bfloat16, (45,), 1, 9, None, None),
     ("kivi", "kivi", 8, 64, 32, 128, 1, 3, 1, torch.float16, (90, 12, 50), 2, 0, 32, 64),
     ("gear", "kivi", 3, 64, 64, 128, 8, 3, 1, torch.bfloat16, (70, 0, 33), 1, 2, 32, 32),
     ("gear", "kivi", 2, 64, 64, 64, 1, 1, 1, torch.float32, (130,), 0, 1, None, None),
     ("gear", "kivi", 2, 16, 16, 64, 3, 1, 1, torch.float16, (70,), 3, 0, 32, None),
-    ("gear", "kcvt", 4, 8, 8, 16, 3, 3, 1, torch.bfloat16, (21, 8, 5), 2, 4, 16, 16),
+    ("gear", "kcvt", 4, None, 8, 16, 3, 3, 1, torch.bfloat16, (21, 8, 5), 2, 4, 16, 16),
     ("gear", "kivi", 2, 64, 64, 64, 4, 2, 1, torch.float16, None, 2, 3, None, None),  # streamed chunks only
 ]
 
@@ -254,6 +258,80 @@ def test_resolve_kernel():
         assert resolve_kernel("auto", "cuda") == "triton"
     with pytest.raises(ValueError, match="kernel="):
         resolve_kernel("cuda", "cpu")
+
+
+# ---------------------------------------------------------------- launches on the tensors' device
+#
+# Triton launches on the current CUDA device, not the tensors': with the layers of a model on
+# several GPUs (parallelize=True) every launch must run under td.on_device(its tensors' device).
+
+
+def test_on_device_makes_a_cuda_tensors_device_current(monkeypatch):
+    entered = []
+
+    class RecordingDevice:  # stands in for torch.cuda.device, which would need the GPU
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("left")
+
+    monkeypatch.setattr(torch.cuda, "device", RecordingDevice)
+    second_gpu = torch.device("cuda", 1)  # a device object needs no GPU
+    with td.on_device(second_gpu):
+        assert entered == [second_gpu]
+    assert entered == [second_gpu, "left"]
+    with td.on_device(torch.device("cpu")):  # CPU tensors (the interpreter): nothing to switch
+        pass
+    assert entered == [second_gpu, "left"]
+
+
+def launched_kernels(module) -> list[str]:
+    """The Triton kernels `module` launches: its jit functions that the code indexes with a grid
+    (the others are helpers that kernels call)."""
+    from triton.runtime.jit import KernelInterface
+
+    source = inspect.getsource(module)
+    return [name for name, obj in vars(module).items()
+            if isinstance(obj, KernelInterface) and re.search(rf"\b{name}\[", source)]
+
+
+def test_every_kernel_launches_under_the_guard_for_its_tensors_device(monkeypatch):
+    guarded = []  # the devices td.on_device has made current, innermost last
+    launches = {}
+
+    @contextmanager
+    def recording_guard(device):
+        guarded.append(device)
+        yield
+        guarded.pop()
+
+    def checked(name, kernel):
+        class Launch:  # kernel[grid](*args): the grid first, then the launch
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    devices = {a.device for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)}
+                    assert guarded and devices == {guarded[-1]}, f"{name} launched on {devices} under {guarded}"
+                    launches[name] = launches.get(name, 0) + 1
+                    return kernel[grid](*args, **kwargs)
+                return launch
+        return Launch()
+
+    monkeypatch.setattr(td, "on_device", recording_guard)
+    kernels = {(module, name) for module in (tq, ta) for name in launched_kernels(module)}
+    assert {name for _, name in kernels} == {"_group_stats_kernel", "_pack_kernel", "_attend_kernel", "_merge_kernel"}
+    for module, name in kernels:
+        monkeypatch.setattr(module, name, checked(name, getattr(module, name)))
+
+    config = GearConfig(method="gear", bits=2, group_size=16, buffer_size=16)
+    store = make_store(config, 2, 2, 32, torch.float16, (20, 9), 1, 3, compressor=tq.compress_triton)
+    buf = kv(2, 2, 3, 32, torch.float16, 1, "key")
+    ta.decode_attention_triton(kv(2, 4, 1, 32, torch.float16, 2, "value"), store, buf, buf, 0.2)
+    assert set(launches) == {name for _, name in kernels}
+    assert guarded == []
 
 
 # ---------------------------------------------------------------- the torch reference itself

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
+import re
 import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 from gear_kernels import GearConfig, GearConfigError
 from gear_kernels.codecs import CODECS
 from lm_eval_gear import registration
-from lm_eval_gear.model_args import GEAR_OPTIONS, check_model_args, response_cache_tag, split_model_args
+from lm_eval_gear.model_args import GEAR_OPTIONS, OPTIONS, check_model_args, response_cache_tag, split_model_args
 from lm_eval_gear.smollm2 import GGUF_FILE, smollm2_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,10 +31,10 @@ def test_gear_options_are_the_gearconfig_fields():
 def test_command_line_strings_and_numbers_are_parsed():
     config, rest = split_model_args(
         {"pretrained": "m", "method": "GEAR", "bits": "4", "value_bits": "2.0", "lowrank_dtype": "INT8",
-         "backbone": "kcvt", "group_size": 32, "outlier_ratio": "0.05", "rank_prompt": "8", "rank_chunk": 1, "power_iters": "2",
+         "backbone": "flexgen", "group_size": 32, "outlier_ratio": "0.05", "rank_prompt": "8", "rank_chunk": 1, "power_iters": "2",
          "buffer_size": "16", "seed": 3, "kernel": "torch", "dtype": "float32", "batch_size": 2}
     )
-    assert config == GearConfig(method="gear", bits=4, value_bits=2, lowrank_dtype="int8", backbone="kcvt",
+    assert config == GearConfig(method="gear", bits=4, value_bits=2, lowrank_dtype="int8", backbone="flexgen",
                                 group_size=32, outlier_ratio=0.05, rank_prompt=8, rank_chunk=1, power_iters=2, buffer_size=16, seed=3, kernel="torch")
     assert rest == {"pretrained": "m", "dtype": "float32", "batch_size": 2}
 
@@ -78,13 +81,18 @@ def test_bad_values_name_the_option_and_the_choices(args, message):
 
 @pytest.mark.parametrize(("key", "hints"), [
     ("bit", ["bits"]), ("metod", ["method"]), ("buffer", ["buffer_size"]), ("outlier_ration", ["outlier_ratio"]),
-    ("group", ["group_size"]), ("gear_bits", ["bits"]), ("gear_seeds", []),
+    ("group", ["group_size"]), ("gear_bits", ["bits"]), ("gear_seeds", ["seed"]),
     # ambiguous, a typo of a word, names from other KV-cache tools
     ("rank", ["rank_prompt", "rank_chunk"]), ("gear_rank", ["rank_prompt", "rank_chunk"]),
     ("rnak", ["rank_prompt", "rank_chunk"]), ("residual_length", ["buffer_size"]), ("quant_bits", ["bits"]),
     ("nbits", ["bits"]), ("q_group_size", ["group_size"]), ("keep_outlier", ["outlier_ratio", "outlier_dtype"]),
     ("k_bits", ["key_bits"]), ("v_bits", ["value_bits"]), ("lowrank", ["lowrank_dtype"]),
     ("outlier", ["outlier_ratio", "outlier_dtype"]),
+    # inflected: another form of an option's word
+    ("rotate", ["rotation"]), ("rotations", ["rotation"]), ("outliers", ["outlier_ratio", "outlier_dtype"]),
+    ("sinks", ["sink_tokens"]), ("gear_sinks", ["sink_tokens"]), ("ranks", ["rank_prompt", "rank_chunk"]),
+    ("methods", ["method"]), ("bufer_size", ["buffer_size"]), ("outlier_percent", ["outlier_ratio", "outlier_dtype"]),
+    ("gear_warp", []),
 ])
 def test_misspelt_gear_options_are_refused(key, hints):
     with pytest.raises(GearConfigError) as err:
@@ -99,9 +107,49 @@ def test_misspelt_gear_options_are_refused(key, hints):
 
 
 @pytest.mark.parametrize("key", ["offload_buffers", "use_kernels", "n_group", "topk_group", "rope_scaling",
-                                 "sliding_window", "low_cpu_mem_usage", "attn_implementation", "bnb_4bit_quant_type"])
+                                 "sliding_window", "low_cpu_mem_usage", "attn_implementation", "bnb_4bit_quant_type",
+                                 # near rotate, outliers, sinks, bits, rank or method, yet a model's own
+                                 "rotary_dim", "rotary_pct", "rope_theta", "torch_dtype", "partial_rotary_factor",
+                                 "attention_bias", "mlp_bias", "key_bias", "kv_lora_rank", "q_lora_rank",
+                                 "topk_method", "index_num_sink_tokens", "hc_lowrank", "router_dtype", "mask_token",
+                                 "token"])
 def test_loading_and_config_arguments_are_not_mistaken_for_gear_options(key):
     assert split_model_args({"pretrained": "m", key: 1})[1] == {"pretrained": "m", key: 1}
+
+
+def _transformers_argument_names() -> set[str]:
+    """Every argument name of every transformers model config class, every keyword from_pretrained
+    takes, and bitsandbytes' (HFLM hands those on too): what --model_args may pass through HFLM."""
+    import dataclasses
+
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    classes = [getattr(transformers, name) for name in CONFIG_MAPPING_NAMES.values() if hasattr(transformers, name)]
+    classes.append(transformers.BitsAndBytesConfig)
+    names = set()
+    for cls in classes:
+        for klass in cls.__mro__:
+            names |= {f.name for f in dataclasses.fields(klass)} if dataclasses.is_dataclass(klass) else set()
+            names |= set(getattr(klass, "__annotations__", {}))
+            names |= set(inspect.signature(klass.__init__).parameters)
+    source = inspect.getsource(transformers.PreTrainedModel.from_pretrained)
+    names |= set(re.findall(r"kwargs\.pop\(\s*\"(\w+)\"", source))
+    names |= set(inspect.signature(transformers.PreTrainedModel.from_pretrained).parameters)
+    return {n for n in names if not n.startswith("_")} - {"self", "args", "kwargs"}
+
+
+@pytest.mark.slow  # imports every transformers config class
+def test_no_transformers_argument_is_mistaken_for_a_gear_option():
+    names = _transformers_argument_names()
+    assert len(names) > 2000 and {"rotary_dim", "attention_bias", "kv_lora_rank", "offload_buffers"} <= names
+    mistaken = {}
+    for name in names - set(OPTIONS):  # (backbone, bits, group_size, method and seed are ours too)
+        try:
+            split_model_args({name: "x"})
+        except GearConfigError as exc:
+            mistaken[name] = str(exc)
+    assert {name: text for name, text in mistaken.items() if "unknown --model_args option" in text} == {}
 
 
 @pytest.mark.parametrize(("raw", "bits"), [(2.0, 2), (" 2", 2), ("4.0", 4), (8, 8)])
@@ -115,8 +163,9 @@ def test_triton_kernel_needs_cuda_or_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(GearConfigError, match="kernel='triton' needs a CUDA device"):
         split_model_args({"pretrained": "m", "kernel": "triton", "device": "cpu"})
-    # method none never runs a kernel
-    assert split_model_args({"kernel": "triton", "method": "none", "device": "cpu"})[0].kernel == "triton"
+    # method none runs no kernel, but asks for one that cannot run here all the same
+    with pytest.raises(GearConfigError, match="kernel='triton' needs a CUDA device"):
+        split_model_args({"kernel": "triton", "method": "none", "device": "cpu"})
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert split_model_args({"kernel": "triton", "device": "cpu"})[0].kernel == "triton"
 
@@ -128,8 +177,74 @@ def test_embedded_default_needs_no_pretrained():
         check_model_args({"gguf_file": "x.gguf"})
 
 
+@pytest.mark.parametrize("dtype", ["float64", "double", torch.float64, "int8", "flaot32"])
+def test_a_dtype_gear_cannot_compress_is_refused_before_loading(dtype):
+    with pytest.raises(GearConfigError) as err:
+        check_model_args({"pretrained": "m", "method": "kivi", "dtype": dtype})
+    assert str(err.value) == (
+        f"gear-hf: invalid --model_args: dtype={dtype} cannot be compressed: GEAR compresses float32, float16, "
+        "bfloat16 caches; use one of those, or method=none to run uncompressed"
+    )
+    assert split_model_args({"method": "none", "dtype": dtype})[1] == {"dtype": dtype}  # nothing to compress
+
+
+@pytest.mark.parametrize("dtype", ["auto", "float32", "float16", "half", "bfloat16", torch.bfloat16, None])
+def test_dtypes_gear_compresses_pass(dtype):
+    assert split_model_args({"pretrained": "m", "dtype": dtype})[1]["dtype"] == dtype
+
+
+@pytest.fixture(scope="module")
+def phi3_folder(tmp_path_factory) -> Path:
+    """A Phi-3 config (head_dim 96, not a power of two), no weights: a load would fail on them."""
+    from transformers import Phi3Config
+
+    folder = tmp_path_factory.mktemp("phi3")
+    Phi3Config(hidden_size=192, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+               num_hidden_layers=1, vocab_size=64).save_pretrained(folder)
+    return folder
+
+
+def test_hadamard_on_a_head_dim_not_a_power_of_two_is_refused_from_the_config(phi3_folder, tmp_path):
+    message = ("gear-hf: invalid --model_args: rotation=hadamard needs a power-of-two head_dim, this model has 96: "
+               "use rotation=none")
+    with pytest.raises(GearConfigError) as err:
+        check_model_args({"pretrained": str(phi3_folder), "method": "kivi", "rotation": "hadamard"})
+    assert str(err.value) == message
+    check_model_args({"pretrained": str(phi3_folder), "method": "kivi"})  # no rotation: fine
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=128, num_attention_heads=2, num_hidden_layers=1).save_pretrained(tmp_path)
+    check_model_args({"pretrained": str(tmp_path), "rotation": "hadamard"})  # head_dim 64
+    # a config that cannot be read here (offline hub id, missing folder) is left to the load
+    check_model_args({"pretrained": str(tmp_path / "missing"), "rotation": "hadamard"})
+
+
+def test_a_loaded_models_config_is_checked_too(phi3_folder):
+    from transformers import AutoConfig
+
+    from lm_eval_gear.model_args import check_model_config
+
+    class Loaded:  # the Python API may pass a model object as pretrained
+        config = AutoConfig.from_pretrained(phi3_folder)
+
+    with pytest.raises(GearConfigError, match="this model has 96"):
+        check_model_config(GearConfig(rotation="hadamard"), Loaded(), {})
+
+
 class _Loaded(Exception):
     """Raised instead of loading a model."""
+
+
+def test_gear_hflm_refuses_hadamard_on_head_dim_96_before_loading(monkeypatch, phi3_folder):
+    from lm_eval.models.huggingface import HFLM
+
+    from lm_eval_gear.model import GearHFLM
+
+    monkeypatch.setattr(HFLM, "__init__", lambda self, pretrained, **kw: (_ for _ in ()).throw(_Loaded(kw)))
+    with pytest.raises(GearConfigError, match="rotation=hadamard needs a power-of-two head_dim, this model has 96"):
+        GearHFLM(pretrained=str(phi3_folder), rotation="hadamard")
+    with pytest.raises(_Loaded):
+        GearHFLM(pretrained=str(phi3_folder))
 
 
 def test_gear_hflm_validates_before_loading_and_defaults_to_smollm2(monkeypatch):
@@ -232,6 +347,79 @@ def test_cli_gives_each_configuration_its_own_response_cache():
     assert FakeConfig.from_cli("gear-hf", "pretrained=m,bits=2", two.use_cache).use_cache == two.use_cache
     assert FakeConfig.from_cli("hf", "pretrained=m", "out/responses").use_cache == "out/responses"
     assert FakeConfig.from_cli("gear-hf", "pretrained=m", None).use_cache is None
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """The hub offline (as HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1 set it), an empty datasets cache."""
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
+    return tmp_path
+
+
+def test_offline_an_lm_eval_task_with_a_shipped_twin_names_the_twin(offline_hub):
+    from lm_eval_gear.registration import offline_tasks_problem
+
+    assert offline_tasks_problem("gsm8k_cot") == (
+        "gsm8k_cot reads openai/gsm8k from the Hugging Face hub, which is offline here (HF_HUB_OFFLINE or "
+        "HF_DATASETS_OFFLINE) and holds no copy in the local cache: use --tasks gsm8k_cot_gear, its twin shipped "
+        "with lm-eval-gear (the same test set, few-shot chain of thought; nothing to download)"
+    )
+    both = offline_tasks_problem(["gsm8k_cot,arc_easy", "bbh_cot_fewshot_navigate"])
+    assert both.startswith("gsm8k_cot reads openai/gsm8k and bbh_cot_fewshot_navigate reads SaylorTwift/bbh from")
+    assert "use --tasks gsm8k_cot_gear,arc_easy,bbh_cot_gear_navigate, their twins shipped" in both
+    assert "use --tasks bbh_cot_gear," in offline_tasks_problem("bbh_cot_fewshot")  # the group
+    # tasks without a shipped twin are lm-eval's business
+    for tasks in ("gsm8k", "gsm8k_cot_zeroshot", "gsm8k_cot_gear", "arc_easy", None, []):
+        assert offline_tasks_problem(tasks) is None
+
+
+def test_a_cached_dataset_or_an_online_hub_is_no_problem(offline_hub, monkeypatch):
+    import datasets.config
+
+    from lm_eval_gear.registration import offline_tasks_problem
+
+    (offline_hub / "openai___gsm8k" / "main" / "0.0.0" / "0123abcd").mkdir(parents=True)  # as datasets keeps it
+    assert offline_tasks_problem("gsm8k_cot") is None
+    assert offline_tasks_problem("gsm8k_cot,bbh_cot_fewshot").startswith("bbh_cot_fewshot reads SaylorTwift/bbh")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    assert offline_tasks_problem("bbh_cot_fewshot") is None
+
+
+def test_the_cli_stops_an_offline_task_before_anything_loads(offline_hub, capsys):
+    class FakeConfig:
+        def __init__(self, model, tasks):
+            self.model, self.model_args, self.use_cache, self.tasks = model, None, None, tasks
+
+        @classmethod
+        def from_cli(cls, model, tasks):
+            return cls(model, tasks)
+
+    registration.patch_cli_config(FakeConfig)
+    with pytest.raises(SystemExit) as stopped:
+        FakeConfig.from_cli("gear-hf", "gsm8k_cot")
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.startswith("lm_eval: error: gsm8k_cot reads openai/gsm8k from the Hugging Face hub")
+    assert FakeConfig.from_cli("gear-hf", "gsm8k_cot_gear").tasks == "gsm8k_cot_gear"
+
+
+@pytest.mark.slow  # indexes lm-eval's ~15k task YAMLs
+def test_hub_twins_are_what_lm_eval_reads():
+    """Every lm-eval task with a shipped twin reads the dataset HUB_TWINS names, and every shipped
+    task but AQuA (lm-eval has no chain-of-thought AQuA) and the paper's group has its lm-eval twin."""
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    manager = TaskManager()
+    twins = {name: twin for name in manager.all_tasks if (twin := registration._shipped_twin(name))}
+    assert {"gsm8k_cot", "bbh_cot_fewshot", "bbh_cot_fewshot_navigate"} <= set(twins)
+    for name, (_, dataset) in twins.items():
+        path = manager.task_index[name].yaml_path
+        config = load_yaml(path, recursive=True, resolve_func=False)
+        assert config.get("dataset_path", dataset) == dataset, name  # groups have none
+    assert {ours for ours, _ in twins.values()} == registration.shipped_tasks() - {"aqua_cot_gear", "gear_paper"}
 
 
 def test_results_of_the_embedded_model_are_named_after_it():

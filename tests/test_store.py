@@ -11,7 +11,7 @@ from gear_kernels.store import BUCKET, KVStore, PromptPart, StreamPart, buckets
 
 CONFIGS = [
     GearConfig(method="gear", bits=2, group_size=8, buffer_size=8, rank_prompt=4, rank_chunk=2),
-    GearConfig(method="gear-l", bits=3, backbone="kcvt", group_size=8, buffer_size=12, rank_prompt=3, rank_chunk=1),
+    GearConfig(method="gear-l", bits=3, backbone="kcvt", buffer_size=12, rank_prompt=3, rank_chunk=1),
     GearConfig(method="kivi", bits=4, backbone="flexgen", group_size=4, buffer_size=8),
     GearConfig(method="gear", bits=8, group_size=16, buffer_size=16, outlier_ratio=0.1, rank_prompt=5),
     # keys and values of their own widths, int8 low-rank factors, fp16 outliers
