@@ -61,10 +61,8 @@ CONFIGS = {"gear-2": dict(method="gear", bits=2), "kivi-2": dict(method="kivi", 
 
 def _gear(tiny, batch_size, config: str = "gear-2") -> GearHFLM:
     """gear-hf at SMALL; config "exact" is gear-2's scoring path with an exact cache (method
-    none's layers) in place of the compressed one: batched and fed in pieces the same way."""
-    # on a CPU auto fits max_batch_size rows of the tiny model: a small one keeps batches several
-    limit = {"max_batch_size": 8} if batch_size == "auto" else {}
-    lm = GearHFLM(pretrained=tiny, device="cpu", batch_size=batch_size, **SMALL, **limit,
+    none's layers) in place of the compressed one."""
+    lm = GearHFLM(pretrained=tiny, device="cpu", batch_size=batch_size, **SMALL,
                   **CONFIGS["gear-2" if config == "exact" else config])
     if config == "exact":
         exact = {"method": "none", "buffer_size": SMALL["buffer_size"]}  # none takes no group_size
