@@ -19,7 +19,7 @@ All lm_eval processes start at once (they are mostly import time) in one module 
         configuration gets its own response-cache file (a rerun then reads it);
 * probe: a bare `python` that checks what the start-up hook costs and registers;
 * slide_hf, slide_gear: a tiny Mistral whose window (8) is shorter than most contexts, under
-  `--model hf` and under 2-bit KIVI, on the multiple-choice and perplexity tasks.
+  `--model hf` and under 8-bit KIVI, on the multiple-choice and perplexity tasks.
 
 These need the package installed (`pip install -e .` or `pip install .`): that is what puts
 `lm_eval_gear_hook.pth` in site-packages and so makes `lm_eval --model gear-hf` work.
@@ -139,7 +139,7 @@ def runs(tmp_path_factory):
         "twin": [lm_eval, "--model", "gear-hf", "--tasks", "gsm8k_cot"],  # as a user types it, offline
         "probe": [sys.executable, "-c", PROBE],
         "slide_hf": [lm_eval, "--model", "hf", "--model_args", f"pretrained={sliding}", *common(SLIDING_TASKS)],
-        "slide_gear": [lm_eval, "--model", "gear-hf", "--model_args", f"pretrained={sliding},method=kivi,bits=2,buffer_size=4,"
+        "slide_gear": [lm_eval, "--model", "gear-hf", "--model_args", f"pretrained={sliding},method=kivi,bits=8,buffer_size=4,"
                        "group_size=8", *common(SLIDING_TASKS)],
     }
     for bits in (2, 4):
@@ -253,13 +253,15 @@ def test_gear_hf_compresses_every_request_type(runs):
 
 def test_contexts_longer_than_a_sliding_window_are_scored(runs):
     """Loglikelihood requests whose context is longer than the window (8 tokens): the compressed
-    cache holds what the window sees, and the answers stay near the exact model's."""
+    cache holds what the window sees, and the answers stay near the exact model's. At 8 bits: this
+    model (initializer_range 0.5) moves by several nats at 2 and 4 bits with or without a window,
+    while a cache holding the wrong tokens would move it by as much at any width."""
     for name in ("slide_hf", "slide_gear"):
         _ok(runs[name])
     exact, ours = _samples(runs["slide_hf"], SLIDING_TASKS), _samples(runs["slide_gear"], SLIDING_TASKS)
     choice = [(e[1], o[1]) for e, o in zip(exact["gear_cli_choice"], ours["gear_cli_choice"], strict=True)]
     gaps = [abs(float(a[0][0]) - float(b[0][0])) for e, o in choice for a, b in zip(e, o, strict=True)]
-    assert 0 < max(gaps) < 5  # compressed, not broken
+    assert 0 < max(gaps) < 1  # compressed, not broken
     memory = _results(runs["slide_gear"])["config"]["gear"]["memory"]
     assert memory["sequences"]["loglikelihood"] > 12 and memory["bits_per_element"] < 32
 
