@@ -2,8 +2,7 @@
 
 # The exports load torch and transformers, so they are imported on first use (PEP 562): the
 # `lm-eval-gear` command (lm_eval_gear.cli) needs neither and starts in a fraction of a second.
-_EXPORTS = {"GearCache": ".cache", "GearConfig": "gear_kernels", "use_gear_attention": ".attention",
-            "prompts_prefilled_alone": ".prefill"}
+_EXPORTS = {"GearCache": ".cache", "GearConfig": "gear_kernels", "use_gear_attention": ".attention"}
 
 __all__ = list(_EXPORTS)
 

