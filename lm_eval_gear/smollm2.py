@@ -4,7 +4,9 @@
 ``SmolLM2-135M-Instruct.Q4_1.gguf``. Its ``__init__`` imports ``llm``, which is not installed,
 so it is never imported here: the folder is located with ``importlib.util.find_spec``, which
 does not execute the package. transformers reads the GGUF file (dequantising it to float32)
-with ``from_pretrained(folder, gguf_file=...)``, for the model and the tokenizer alike.
+with ``from_pretrained(folder, gguf_file=...)``, for the model and the tokenizer alike; for code
+that loads a tokenizer by name alone, :func:`smollm2_tokenizer_dir` saves it once in
+transformers' own format.
 """
 
 from __future__ import annotations
