@@ -74,9 +74,8 @@ def _nltk_has_punkt_tab() -> bool:
     return True
 
 
-ESSAYS = Download(
-    "Paul Graham's essays (hub dataset baber/paul_graham_essays)", lambda: _in_datasets_cache("baber/paul_graham_essays")
-)
+ESSAYS_DATASET = "baber/paul_graham_essays"
+ESSAYS = Download(f"Paul Graham's essays (hub dataset {ESSAYS_DATASET})", lambda: _in_datasets_cache(ESSAYS_DATASET))
 PUNKT_TAB = Download("nltk's punkt_tab (which splits the essays into sentences)", _nltk_has_punkt_tab)
 # lm-eval fetches these with requests at every run and keeps no copy
 SQUAD = Download("SQuAD (fetched from the web at every run)", lambda: False)

@@ -94,7 +94,8 @@ def test_the_saved_tokenizer_counts_tokens_as_the_model_does(smollm2, monkeypatc
 
 
 def _essays_cached(cache: Path) -> None:
-    (cache / "baber___paul_graham_essays" / "default" / "0.0.0" / "0123abcd").mkdir(parents=True)  # as datasets keeps it
+    # as datasets keeps a dataset it has read
+    (cache / "baber___paul_graham_essays" / "default" / "0.0.0" / "0123abcd").mkdir(parents=True)
 
 
 def _nltk_data(monkeypatch, folder: Path, punkt_tab: bool) -> None:
@@ -140,7 +141,9 @@ def test_what_this_machine_holds_is_no_problem(offline_hub, monkeypatch, tmp_pat
     _nltk_data(monkeypatch, tmp_path / "nltk_data", punkt_tab=True)
     assert offline_tasks_problem("niah_single_2,niah_multikey_1") is None
     # SQuAD and HotpotQA are fetched at every run: no copy counts
-    assert offline_tasks_problem("ruler").startswith("ruler needs SQuAD (fetched from the web at every run) and HotpotQA")
+    assert offline_tasks_problem("ruler").startswith(
+        "ruler needs SQuAD (fetched from the web at every run) and HotpotQA"
+    )
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     assert offline_tasks_problem("ruler") is None
 
