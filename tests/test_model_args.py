@@ -349,16 +349,6 @@ def test_cli_gives_each_configuration_its_own_response_cache():
     assert FakeConfig.from_cli("gear-hf", "pretrained=m", None).use_cache is None
 
 
-@pytest.fixture
-def offline_hub(monkeypatch, tmp_path):
-    """The hub offline (as HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1 set it), an empty datasets cache."""
-    import datasets.config
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
-    return tmp_path
-
-
 def test_offline_an_lm_eval_task_with_a_shipped_twin_names_the_twin(offline_hub):
     from lm_eval_gear.registration import offline_tasks_problem
 
