@@ -79,7 +79,8 @@ def main() -> None:
         chunks = [(compress(stream_k[:, :, s : s + size], config, "key", config.rank(prompt=False)),
                    compress(stream_v[:, :, s : s + size], config, "value", config.rank(prompt=False)))
                   for s in range(0, streamed, size)]
-        prompt_kv = layer.store.prompt_keys.dense(0, prompt), layer.store.prompt_values.dense(0, prompt)
+        held_k, held_v = layer.store.dense()  # positions [0, prompt): every row's prompt (no padding here)
+        prompt_kv = held_k[:, :, :prompt].clone(), held_v[:, :, :prompt].clone()
 
         def rebuild():
             keys = torch.cat([prompt_kv[0]] + [decompress(k) for k, _ in chunks], dim=-2)

@@ -7,8 +7,9 @@
 
 The run (about 2 minutes on an H200, most of it Triton compiling):
 1. measures the device's memory bandwidth with a large device-to-device copy;
-2. checks on CUDA: compress_triton against chunk.compress (codes, scales, zero points and
-   outliers bitwise, low-rank factors close) and decode_attention_triton against
+2. checks on CUDA: compress(kernel="triton") against compress (every stored tensor bitwise:
+   codes, scales, zero points, outliers and the low-rank factors, which the same torch power
+   iteration computes from the same codes) and decode_attention_triton against
    decode_attention_torch, over backbones, bit widths, fp16/bf16, GQA ratios, q_len, prompt
    rows of different lengths and streamed chunks; any failure is reported (exit status 1);
 3. picks the fastest of a few tile and split configurations (TUNING in triton_attention) for
@@ -18,7 +19,8 @@ The run (about 2 minutes on an H200, most of it Triton compiling):
    row's compressed prompt, plus a 16-token buffer): decode attention with gear and with kivi
    (no outliers, no low rank), one launch and a merge whatever the batch,
    gear's torch path (attention_reference, what kernel=torch runs), torch SDPA over an fp16
-   cache of the same length, and the quantize+pack kernels on the prompt's keys. Each time is
+   cache of the same length, and the quantize+pack kernels (triton_quantize.quantize_pack) on the
+   prompt's keys. Each time is
    set against the bytes the kernel must move at the measured bandwidth (the "% of copy BW"
    column) and, for attention, against SDPA.
 
@@ -59,7 +61,7 @@ from gear_kernels import triton_attention as ta  # noqa: E402
 from gear_kernels import triton_device as td  # noqa: E402
 from gear_kernels import triton_quantize as tq  # noqa: E402
 from gear_kernels.attention_reference import decode_attention_torch  # noqa: E402
-from gear_kernels.outliers import select_outliers  # noqa: E402
+from gear_kernels.corrections.outliers import select_outliers  # noqa: E402
 from gear_kernels.store import KVStore  # noqa: E402
 
 TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}
@@ -186,16 +188,18 @@ def randn_kv(batch, heads, tokens, dim, dtype, seed, kind):
 # ------------------------------------------------------------------ checks
 
 def same_chunk(a, b) -> str:
-    """'' when a and b store the same codes, scales, zeros, outliers (bitwise) and close factors."""
-    for name, t in a.tensors().items():
-        u = b.tensors().get(name)
-        if u is None or u.shape != t.shape or u.dtype != t.dtype:
+    """'' when a and b store the same tensors (codes, scales, zeros, outliers, factors), bitwise."""
+    if a.parts.keys() != b.parts.keys():
+        return f"stored tensors differ: {sorted(a.parts)} vs {sorted(b.parts)}"
+    if (a.quantizer, a.token_group) != (b.quantizer, b.token_group):
+        return f"layout differs: {a.quantizer} / {a.token_group} vs {b.quantizer} / {b.token_group}"
+    for name, t in a.parts.items():
+        u = b.parts[name]
+        if u.shape != t.shape or u.dtype != t.dtype:
             return f"{name}: layout differs"
-        if name.startswith("lowrank"):
-            if not torch.allclose(t.float(), u.float(), rtol=1e-2, atol=1e-2):
-                return f"{name}: max diff {(t.float() - u.float()).abs().max().item():.3g}"
-        elif not torch.equal(t, u):
-            return f"{name}: {(t != u).sum().item()} entries differ"
+        if not torch.equal(t, u):
+            detail = f", max diff {(t.float() - u.float()).abs().max().item():.3g}" if name.startswith("lowrank") else ""
+            return f"{name}: {(t != u).sum().item()} entries differ{detail}"
     return ""
 
 
@@ -210,7 +214,7 @@ def check_compress(small: bool) -> list[tuple[str, bool, str]]:
     for backbone, bits, kind, dtype, dim in cases:
         config = GearConfig(method="gear", bits=bits, backbone=backbone, rank_prompt=4)
         x = randn_kv(2, heads, tokens, dim, dtype, bits, kind)
-        problem = same_chunk(tq.compress_triton(x, config, kind), compress(x, config, kind))
+        problem = same_chunk(compress(x, config, kind, kernel="triton"), compress(x, config, kind))
         results.append((f"compress {backbone} {bits}-bit {kind} {str(dtype)[6:]} d{dim}", not problem,
                         problem or "bitwise"))
     return results
@@ -282,7 +286,8 @@ class Cache:
     def compressed(self, method: str):
         if method not in self.chunks:
             config = GearConfig(method=method, bits=self.config.bits, backbone=self.config.backbone)
-            self.chunks[method] = (tq.compress_triton(self.k, config, "key"), tq.compress_triton(self.v, config, "value"))
+            self.chunks[method] = (compress(self.k, config, "key", kernel="triton"),
+                                   compress(self.v, config, "value", kernel="triton"))
         return self.chunks[method]
 
     def rows(self, method: str, batch: int):
@@ -325,15 +330,15 @@ def time_rows(tokens_list, batches, methods, heads, ratio, dim, dtype, n_buf):
                 del store
             x = cache.k[:batch].reshape(batch * heads, tokens, dim)
             index = select_outliers(x.reshape(batch * heads, -1).float(), config.outlier_ratio)
-            exclude = torch.zeros((batch * heads, tokens * dim), dtype=torch.uint8, device=DEVICE)
-            exclude.scatter_(-1, index, 1)
-            codes, scale_t, zero, residual = tq.quantize_pack(x, exclude, 2, 64, True, True)
-            # stats kernel reads x and the mask; pack kernel reads them again with the scales and
-            # writes codes and the fp32 residual
-            moved = 2 * tensor_bytes(x, exclude) + 3 * tensor_bytes(scale_t, zero) + tensor_bytes(codes, residual)
-            quant_s = bench(lambda: tq.quantize_pack(x, exclude, 2, 64, True, True))
-            yield tokens, batch, "quantize+pack keys (2-bit, +residual)", quant_s, moved, None
-            del x, exclude, codes, residual, k_full, v_full
+            exclude = torch.zeros((batch * heads, tokens * dim), dtype=torch.bool, device=DEVICE)
+            exclude = exclude.scatter_(-1, index, True).reshape(x.shape)  # (rows, T, D), as the quantizer passes it
+            codes, scale_t, zero = tq.quantize_pack(x, exclude, 2, 64, True)
+            # stats kernel reads x and the mask and writes the scales; pack kernel reads x again
+            # with the scales and writes the codes
+            moved = tensor_bytes(x, exclude) + tensor_bytes(x) + 3 * tensor_bytes(scale_t, zero) + tensor_bytes(codes)
+            quant_s = bench(lambda: tq.quantize_pack(x, exclude, 2, 64, True))
+            yield tokens, batch, "quantize+pack keys (2-bit)", quant_s, moved, None
+            del x, exclude, codes, k_full, v_full
         del cache
         if DEVICE == "cuda":
             torch.cuda.empty_cache()

@@ -1,6 +1,6 @@
 """Decode attention over one layer's compressed cache: input checks and the torch reference.
 
-A layer's cache is its KVStore (store.py: the prompt rows, varlen, then the streamed chunks),
+A layer's cache is its KVStore (store.py: prompt rows and streamed chunks as varlen segments),
 then the exact buffer k_buf / v_buf (batch, kv_heads, n_buf, head_dim) of the latest tokens.
 Row b attends to its own stored prompt tokens (its left padding was never stored; its sinks,
 kept exact, first), every streamed chunk, then the buffer; the store must hold everything from
@@ -82,17 +82,19 @@ def check_decode_inputs(q: torch.Tensor, store: KVStore | None, k_buf: torch.Ten
         if store.batch != batch:
             raise ValueError(f"the store holds a batch of {store.batch}, q has {batch}")
         for part in store.parts():
-            heads = part.codes.shape[-3]
-            if (part.head_dim, part.dtype, part.codes.device) != (head_dim, q.dtype, q.device):
+            heads = next(iter(part.data.values())).shape[0]
+            device = next(iter(part.data.values())).device
+            if (part.head_dim, part.dtype, device) != (head_dim, q.dtype, q.device):
                 raise ValueError(
-                    f"a store part (head_dim {part.head_dim}, {part.dtype} on {part.codes.device}) does not fit "
+                    f"a store part (head_dim {part.head_dim}, {part.dtype} on {device}) does not fit "
                     f"q (head_dim {head_dim}, {q.dtype} on {q.device})"
                 )
             if kv_heads is not None and heads != kv_heads:
                 raise ValueError(f"the store has {heads} kv heads, the buffer {kv_heads}")
             kv_heads = heads
-        if (store.prompt_keys is None) != (store.prompt_values is None) or \
-                (store.stream_keys is None) != (store.stream_values is None):
+        if (store.keys is None) != (store.values is None) or (store.keys is not None and not (
+                torch.equal(store.keys.rows, store.values.rows) and torch.equal(store.keys.starts, store.values.starts)
+                and torch.equal(store.keys.tokens, store.values.tokens))):
             raise ValueError("the store must hold keys and values alike")
         if store.sinks is not None:
             sinks = store.sinks.keys
@@ -105,12 +107,7 @@ def check_decode_inputs(q: torch.Tensor, store: KVStore | None, k_buf: torch.Ten
             kv_heads = sinks.shape[1]
         if store.has_prompt:
             prompt_tokens = store.prompt_end - store.prompt_start
-        if store.prompt_keys is not None and not torch.equal(store.prompt_keys.lengths, store.prompt_values.lengths):
-            raise ValueError("the prompt's keys and values hold different rows")
-        if store.stream_keys is not None:
-            stream_tokens = store.stream_keys.codes.shape[2]
-            if store.stream_values.codes.shape[2] != stream_tokens:
-                raise ValueError("the streamed keys and values hold different tokens")
+        stream_tokens = store.chunks * store.chunk_tokens()
     if kv_heads is None:
         raise ValueError("nothing to attend to: no store and no buffer")
     if kv_heads < 1 or q_heads % kv_heads:

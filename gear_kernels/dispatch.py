@@ -66,13 +66,7 @@ def decode_attention(
 
 def compress(x: torch.Tensor, config: GearConfig, kind: str, rank: int | None = None,
              kernel: str | None = None) -> CompressedChunk:
-    """chunk.compress, its quantization and packing by Triton when the kernel resolves to triton.
-
-    Same stored tensors either way (codes, scales and zero points bitwise; see triton_quantize).
+    """chunk.compress, the quantizer's encode by Triton when the kernel resolves to triton (and
+    the quantizer has one): the same stored tensors either way (see triton_quantize).
     """
-    path = resolve_kernel(config.kernel if kernel is None else kernel, x.device)
-    if path == "torch":
-        return compress_torch(x, config, kind, rank)
-    from .triton_quantize import compress_triton
-
-    return compress_triton(x, config, kind, rank)
+    return compress_torch(x, config, kind, rank, resolve_kernel(config.kernel if kernel is None else kernel, x.device))

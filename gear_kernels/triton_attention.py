@@ -1,50 +1,42 @@
 """Triton decode attention over one layer's KVStore, beside attention_reference.py.
 
-Computes what `attention_reference.decode_attention_torch` computes, reading the store's
-packed codes, scales, outliers and low-rank factors directly: the full-precision K/V of the
-compressed tokens is never built (one tile of BLOCK_N tokens lives in registers at a time).
+Computes what `attention_reference.decode_attention_torch` computes, reading the store's packed
+fields directly: the full-precision K/V of the compressed tokens is never built (one tile of
+BLOCK_N tokens lives in registers at a time).
 
-Two launches a call, whatever the batch, its padding and the number of chunks held:
+The store is varlen (store.py): segments, each a run of one row's tokens, every stored field
+one (H, entries) tensor. The kernel takes it as two small tables instead of a pointer per
+tensor: `fields` (side, pointer / head stride, slot) of every stored field (SLOTS, derived from
+the quantizer's and the corrections' fields tables), and `segments`, a row per segment (its
+batch row, tokens, and per side its token group, rank and each field's offset). Two launches
+a call, whatever the batch, its padding and the number of chunks held:
 
-1. `_attend_kernel`, grid (rows x J work items, kv heads x query-row blocks). A row's work
-   items are, in order, JP splits of its prompt tokens (varlen: the row's own tokens only, so
-   left padding costs nothing and needs no mask), JS splits of the streamed chunks (whole
-   chunks each) and JB splits of the exact buffer, the store's sinks first (exact too; a row
-   starts past its empty sink slots); an item past the end of its row's tokens writes an
-   empty state. All query heads of a GQA group, times all q_len queries, are the rows
-   of one program, so a K/V tile is read once per kv head and never repeated. Everything is
-   held transposed (tokens or channels x query rows) so that the tensor-core M dimension is the
-   tile's tokens or channels, which the warps split, not 16 padded query rows every warp holds.
-   Per compressed slice (a row's prompt, or one chunk of a row), tile by tile (`_attend_slice`):
-   - keys and values each have their own code width (K_BITS / V_BITS, K_W / V_W bytes a
-     token: key_bits and value_bits); int8 low-rank factors (LR_Q) are scaled by their column
-     scales as they are loaded, so everything below reads fp32 factors either way;
-   - dequantize the K tile (`_dequant_tile`): whole bytes are loaded and split into codes in
-     registers; scales and zeros are one vector a tile when the tile lies in one per-channel
-     group (kivi keys), one value a byte for per-token groups; 3-bit codes (8 to 3 bytes) and
-     odd layouts gather per entry;
-   - scores^T = K q^T on the tensor cores in the model's dtype with fp32 accumulation (as
-     chunk.decompress rounds K to the model dtype); fp32 models use ieee fp32;
-   - low rank: + A (q B)^T, with (q B)^T (r x rows) computed once a slice: rank-r work per
-     token, never A B^T (tf32 dots, r padded to 16);
-   - key outliers: the reconstruction is D + L with the outlier entries replaced by their exact
-     values S, so an outlier at (t, d) adds q[d] * (S - D[t,d] - L[t,d]) to the score of token
-     t. The store keeps each slice's outliers sorted and bucketed by 16 tokens (store.BUCKET),
-     so a tile reads its own outliers between two offsets, BLOCK_O at a time, with no search;
-     the corrections land on the score columns by a one-hot product (exact: one nonzero a sum);
-   - online softmax in base 2 (running max and sum); in the buffer, causality among the q_len
-     queries;
-   - values: acc^T += V^T P^T (V dequantized the same way); low rank accumulated as (P A)^T,
-     rescaled with acc, times B at the slice's end; value outliers add P[:, t] * (S - D - L)
-     to channel d through two one-hot products.
-2. `_merge_kernel`, one program per (row x kv head, query-row block): merges the J partial
-   states by the log-sum-exp rule and writes the output in q's dtype.
+1. `_attend_kernel`, grid (work items, kv heads x query-row blocks). A work item is a run of
+   tokens of one segment, or of the exact buffer (the store's sinks first), of one row
+   (flash-decoding splits; left padding is never stored, so it costs nothing). All query heads
+   of a GQA group, times all q_len queries, are the rows of one program, so a K/V tile is read
+   once per kv head and never repeated. Everything is held transposed (tokens or channels x
+   query rows) so that the tensor-core M dimension is the tile's tokens or channels. A tile:
+   - dequantize K by the quantizer's own Triton function (its `triton_spec`: e.g.
+     quantizers/uniform.py's dequant_tile), keys and values each with their own quantizer;
+   - scores^T = K q^T on the tensor cores in the model's dtype with fp32 accumulation (as the
+     rebuild rounds K to the model dtype); fp32 models use ieee fp32;
+   - low rank: + A (q B)^T, with (q B)^T (r x rows) computed once a segment: rank-r work per
+     token, never A B^T (int8 factors scaled by their column scales as they are loaded);
+   - key outliers: an outlier at (t, d) adds q[d] * (S - D[t,d] - L[t,d]) to the score of token
+     t; each segment's outliers are sorted and bucketed by BUCKET tokens, so a tile reads its own
+     between two offsets, BLOCK_O at a time; corrections land on the score columns by a one-hot
+     product (exact: one nonzero a sum);
+   - the online softmax in base 2 (`_softmax_step`, shared with the buffer's tiles);
+   - values: acc^T += V^T P^T; low rank accumulated as (P A)^T, rescaled with acc, times B at
+     the segment's end; value outliers add P[:, t] * (S - D - L) to channel d.
+2. `_merge_kernel`, one program per (row x kv head, query-row block): merges the row's work
+   items (cu_work, as flash-attn's cu_seqlens) by the log-sum-exp rule, writes q's dtype.
 
 Preconditions (checked in `decode_attention_triton` through check_decode_inputs and its own
 asserts): tensors on q's device (CUDA, or CPU under TRITON_INTERPRET=1); for q_len > 1, the
-queries' own tokens in the buffer; the store's outliers sorted in every slice (as compress and
-compress_triton store them; checked on CPU, and on CUDA when CHECK_OUTLIER_ORDER is set, since
-the check costs a device sync).
+queries' own tokens in the buffer; each segment's outliers sorted (checked on CPU, and on CUDA
+when CHECK_OUTLIER_ORDER is set, since the check costs a device sync).
 """
 
 from __future__ import annotations
@@ -55,8 +47,9 @@ import triton.language as tl
 
 from . import triton_device as td
 from .attention_reference import check_decode_inputs, sinks_before_buffer
-from .packing import CODES_PER_WORD
-from .store import BUCKET, KVStore, PromptPart, StreamPart
+from .corrections import lowrank, outliers
+from .corrections.outliers import BUCKET
+from .store import KVStore, Packed, _exclusive
 from .triton_device import pow2 as _pow2
 
 LOG2E = 1.4426950408889634
@@ -68,100 +61,52 @@ CHECK_OUTLIER_ORDER = False  # also check the outliers' order on CUDA (a device 
 # programs hide more memory latency, at the cost of more partial states to merge)
 TUNING = {"block_n": 64, "block_o": 32, "num_warps": 4, "num_stages": 1, "programs_per_sm": 4}
 
-
-@triton.jit
-def _dequant(codes_ptr, scale_ptr, zero_ptr, tok, d, mask, W, GS, G,
-             BITS: tl.constexpr, PW: tl.constexpr, PER_CHANNEL: tl.constexpr):
-    """Dequantized entries (tok, d) of one slice (broadcastable index tensors), fp32.
-
-    codes: W bytes a token; scale/zero: (D, ...) with row stride GS and groups of G tokens when
-    PER_CHANNEL, else (tokens, GS) with groups of G channels.
-    """
-    if BITS == 3:  # 8 codes in a 3-byte word; a code may straddle two bytes
-        bit = (d % 8) * 3
-        byte = tok * W + (d // 8) * 3 + bit // 8
-        shift = bit % 8
-        lo = tl.load(codes_ptr + byte, mask=mask, other=0).to(tl.int32)
-        hi = tl.load(codes_ptr + byte + 1, mask=mask & (shift > 5), other=0).to(tl.int32)
-        code = ((lo | (hi << 8)) >> shift) & 7
-    else:
-        byte = tl.load(codes_ptr + tok * W + d // PW, mask=mask, other=0).to(tl.int32)
-        code = (byte >> ((d % PW) * BITS)) & ((1 << BITS) - 1)
-    if PER_CHANNEL:
-        g = d * GS + tok // G
-    else:
-        g = tok * GS + d // G
-    s = tl.load(scale_ptr + g, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(zero_ptr + g, mask=mask, other=0.0).to(tl.float32)
-    return code.to(tl.float32) * s + z
+# The field in each slot of the kernel's tables: the quantizer's (up to QUANT_SLOTS, in its
+# fields table's order), then the corrections' (their tables' order).
+QUANT_SLOTS = 3
+SLOTS = (*(f"quantizer{i}" for i in range(QUANT_SLOTS)), *(f.name for f in lowrank.FIELDS),
+         *(f.name for f in outliers.FIELDS))
+A, B, A_SCALE, B_SCALE, OUT_VAL, OUT_IDX, OUT_BKT = range(QUANT_SLOTS, len(SLOTS))
+SIDE = 2 + len(SLOTS)  # per side in a segment row: token group, rank, an offset a slot
+N_SLOTS = tl.constexpr(len(SLOTS))
 
 
 @triton.jit
-def _dequant_tile(codes_ptr, scale_ptr, zero_ptr, t0, t_end, D, W, GS, G,
-                  BITS: tl.constexpr, PW: tl.constexpr, PER_CHANNEL: tl.constexpr, MODE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, D_P: tl.constexpr):
-    """Tokens [t0, t0 + BLOCK_N) (those < t_end) of one slice, dequantized: (BLOCK_N, D_P) fp32.
-
-    MODE 0: every entry gathers its own bytes, scale and zero (any layout, 3-bit included).
-    MODE 1: whole bytes are loaded, (BLOCK_N, D / PW), and split into their PW codes in
-    registers; scale and zero are loaded once a byte (per-token groups, G a multiple of PW) or
-    once an entry (per-channel groups). MODE 2: as 1, and the tile lies in one per-channel
-    group, so scale and zero are one (D,) vector a tile.
-    """
-    tok = t0 + tl.arange(0, BLOCK_N)
-    t_ok = tok < t_end
-    d = tl.arange(0, D_P)
-    if MODE == 0:
-        ok = t_ok[:, None] & (d < D)[None, :]
-        out = _dequant(codes_ptr, scale_ptr, zero_ptr, tok[:, None], d[None, :], ok, W, GS, G,
-                       BITS, PW, PER_CHANNEL)
-    else:
-        WD: tl.constexpr = D_P // PW
-        w = tl.arange(0, WD)
-        j = tl.arange(0, PW)
-        w_ok = t_ok[:, None] & (w < W)[None, :]
-        words = tl.load(codes_ptr + tok[:, None] * W + w[None, :], mask=w_ok, other=0).to(tl.int32)
-        codes = (words[:, :, None] >> (j * BITS)[None, None, :]) & ((1 << BITS) - 1)
-        codes = tl.reshape(codes, (BLOCK_N, D_P)).to(tl.float32)  # entry d = byte * PW + j
-        ok = t_ok[:, None] & (d < D)[None, :]
-        if PER_CHANNEL:
-            if MODE == 2:
-                g = d * GS + t0 // G
-                sc = tl.load(scale_ptr + g, mask=d < D, other=0.0).to(tl.float32)[None, :]
-                ze = tl.load(zero_ptr + g, mask=d < D, other=0.0).to(tl.float32)[None, :]
-            else:
-                g = d[None, :] * GS + tok[:, None] // G
-                sc = tl.load(scale_ptr + g, mask=ok, other=0.0).to(tl.float32)
-                ze = tl.load(zero_ptr + g, mask=ok, other=0.0).to(tl.float32)
-        else:
-            g = tok[:, None] * GS + (w * PW)[None, :] // G  # a byte never straddles two groups
-            sc = tl.load(scale_ptr + g, mask=w_ok, other=0.0).to(tl.float32)
-            ze = tl.load(zero_ptr + g, mask=w_ok, other=0.0).to(tl.float32)
-            sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BLOCK_N, WD, PW)), (BLOCK_N, D_P))
-            ze = tl.reshape(tl.broadcast_to(ze[:, :, None], (BLOCK_N, WD, PW)), (BLOCK_N, D_P))
-        out = codes * sc + ze
-    return out
+def _field(fields, seg, side: tl.constexpr, slot: tl.constexpr, h, DT: tl.constexpr):
+    """Pointer to head h's entries of field `slot` of one side, at segment `seg`'s first."""
+    base = tl.load(fields + (side * 2) * N_SLOTS + slot).to(tl.pointer_type(DT))
+    head_stride = tl.load(fields + (side * 2 + 1) * N_SLOTS + slot)
+    return base + h * head_stride + tl.load(seg + 2 + side * (2 + N_SLOTS) + 2 + slot)
 
 
 @triton.jit
-def _outlier_block(idx_ptr, val_ptr, o0, o_end, codes_ptr, scale_ptr, zero_ptr, a_ptr, b_ptr, as_ptr, bs_ptr,
-                   D, W, GS, G, R, a_st, b_sd,
-                   BITS: tl.constexpr, PW: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_LR: tl.constexpr,
-                   LR_Q: tl.constexpr, BLOCK_O: tl.constexpr, R_G: tl.constexpr):
-    """Outliers [o0, min(o0 + BLOCK_O, o_end)) of a slice: their token, channel, correction
-    S - D - L (0 where not taken) and the taken mask. LR_Q: int8 factors, times the column
-    scales at as_ptr / bs_ptr."""
+def _softmax_step(s, m_i, l_i, acc):
+    """One tile of the online softmax (base 2): scores^T s (BLOCK_N, ROWS), -inf where masked ->
+    probabilities p, the new running max and sum, acc rescaled (acc * alpha)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use[None, :])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=0), acc * alpha[None, :]
+
+
+@triton.jit
+def _outlier_block(idx_ptr, val_ptr, o0, o_end, q0, q1, q2, a_ptr, b_ptr, as_ptr, bs_ptr, D, W, GW, G, R,
+                   ENTRY: tl.constexpr, BITS: tl.constexpr, PW: tl.constexpr, LAYOUT: tl.constexpr,
+                   HAS_LR: tl.constexpr, LR_Q: tl.constexpr, BLOCK_O: tl.constexpr, R_G: tl.constexpr):
+    """Outliers [o0, min(o0 + BLOCK_O, o_end)) of a segment: their token, channel, correction
+    S - D - L (0 where not taken) and the taken mask."""
     o = o0 + tl.arange(0, BLOCK_O)
     ok = o < o_end
     idx = tl.load(idx_ptr + o, mask=ok, other=0).to(tl.int32)
     t = idx // D
     d = idx % D
-    approx = _dequant(codes_ptr, scale_ptr, zero_ptr, t, d, ok, W, GS, G, BITS, PW, PER_CHANNEL)
+    approx = ENTRY(q0, q1, q2, t, d, ok, W, GW, G, BITS, PW, LAYOUT)
     if HAS_LR:
         r = tl.arange(0, R_G)
         rm = ok[:, None] & (r < R)[None, :]
-        a = tl.load(a_ptr + t[:, None] * a_st + r[None, :], mask=rm, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + d[:, None] * b_sd + r[None, :], mask=rm, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + t[:, None] * R + r[None, :], mask=rm, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + d[:, None] * R + r[None, :], mask=rm, other=0.0).to(tl.float32)
         if LR_Q:
             a = a * tl.load(as_ptr + r, mask=r < R, other=0.0).to(tl.float32)[None, :]
             b = b * tl.load(bs_ptr + r, mask=r < R, other=0.0).to(tl.float32)[None, :]
@@ -171,90 +116,113 @@ def _outlier_block(idx_ptr, val_ptr, o0, o_end, codes_ptr, scale_ptr, zero_ptr, 
 
 
 @triton.jit
-def _attend_slice(
-    m_i, l_i, acc, q_t, q_ptr, q_off, row_ok, t_lo, t_hi,
-    kc, ks, kz, ka, kb, koi, kov, kbk, kas, kbs, k_gs, k_g, k_r,
-    vc, vs, vz, va, vb, voi, vov, vbk, vas, vbs, v_gs, v_g, v_r,
-    D, K_W, V_W, scale_log2,
-    K_BITS: tl.constexpr, K_PW: tl.constexpr, K_PC: tl.constexpr, K_MODE: tl.constexpr,
-    K_LR: tl.constexpr, K_OUT: tl.constexpr,
-    V_BITS: tl.constexpr, V_PW: tl.constexpr, V_PC: tl.constexpr, V_MODE: tl.constexpr,
-    V_LR: tl.constexpr, V_OUT: tl.constexpr, LR_Q: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr, R_P: tl.constexpr, R_G: tl.constexpr,
-    BLOCK_O: tl.constexpr, BUCKET: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+def _attend_segment(
+    m_i, l_i, acc, q_t, q_ptr, q_off, row_ok, t_lo, t_hi, fields, seg, h, D, scale_log2,
+    K_TILE: tl.constexpr, K_ENTRY: tl.constexpr, K_T1: tl.constexpr, K_T2: tl.constexpr, K_BITS: tl.constexpr,
+    K_PW: tl.constexpr, K_LAYOUT: tl.constexpr, K_MODE: tl.constexpr, K_W, K_GW, K_CG,
+    V_TILE: tl.constexpr, V_ENTRY: tl.constexpr, V_T1: tl.constexpr, V_T2: tl.constexpr, V_BITS: tl.constexpr,
+    V_PW: tl.constexpr, V_LAYOUT: tl.constexpr, V_MODE: tl.constexpr, V_W, V_GW, V_CG,
+    HAS_LR: tl.constexpr, LR_T: tl.constexpr, LR_Q: tl.constexpr, HAS_OUT: tl.constexpr, IDX_T: tl.constexpr,
+    VAL_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr, R_P: tl.constexpr,
+    R_G: tl.constexpr, BLOCK_O: tl.constexpr, BUCKET: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Online-softmax state (m_i, l_i, acc^T) after tokens [t_lo, t_hi) of one compressed slice
-    (one row's prompt, or one chunk of one row): pointers to its codes (K_W / V_W bytes a token),
-    scales, zeros, low-rank factors (A rows of k_r columns; B of the slice, (D, k_r)), outliers,
-    their buckets, and, int8 factors (LR_Q), the factors' column scales (k_r each)."""
+    """Online-softmax state (m_i, l_i, acc^T) after tokens [t_lo, t_hi) of segment `seg`."""
+    kq0 = _field(fields, seg, 0, 0, h, tl.uint8)
+    kq1 = _field(fields, seg, 0, 1, h, K_T1)
+    kq2 = _field(fields, seg, 0, 2, h, K_T2)
+    vq0 = _field(fields, seg, 1, 0, h, tl.uint8)
+    vq1 = _field(fields, seg, 1, 1, h, V_T1)
+    vq2 = _field(fields, seg, 1, 2, h, V_T2)
+    # a token group of each side (per-channel groups: this segment's; else the channel group)
+    k_g = tl.load(seg + 2) if K_LAYOUT else K_CG
+    v_g = tl.load(seg + 2 + 2 + N_SLOTS) if V_LAYOUT else V_CG
+    k_r = tl.load(seg + 3)
+    v_r = tl.load(seg + 3 + 2 + N_SLOTS)
     d = tl.arange(0, D_P)
     d_ok = d < D
     r = tl.arange(0, R_P)  # rank, padded to a tensor-core width
     cols = tl.arange(0, BLOCK_N)
-    if K_LR:
+    if HAS_LR:
+        ka = _field(fields, seg, 0, 3, h, LR_T)
+        kb = _field(fields, seg, 0, 4, h, LR_T)
+        kas = _field(fields, seg, 0, 5, h, tl.float16)
+        kbs = _field(fields, seg, 0, 6, h, tl.float16)
+        va = _field(fields, seg, 1, 3, h, LR_T)
+        vb = _field(fields, seg, 1, 4, h, LR_T)
+        vas = _field(fields, seg, 1, 5, h, tl.float16)
+        vbs = _field(fields, seg, 1, 6, h, tl.float16)
         bk_t = tl.load(kb + d[None, :] * k_r + r[:, None], mask=d_ok[None, :] & (r < k_r)[:, None],
                        other=0.0).to(tl.float32)  # B^T (R_P, D_P)
         if LR_Q:
             bk_t = bk_t * tl.load(kbs + r, mask=r < k_r, other=0.0).to(tl.float32)[:, None]
             ka_s = tl.load(kas + r, mask=r < k_r, other=0.0).to(tl.float32)  # (R_P,)
-        qb_t = tl.dot(bk_t, q_t.to(tl.float32), input_precision=PREC)  # (q B)^T (R_P, ROWS), once a slice
-    if V_LR:
+            va_s = tl.load(vas + r, mask=r < v_r, other=0.0).to(tl.float32)
+        qb_t = tl.dot(bk_t, q_t.to(tl.float32), input_precision=PREC)  # (q B)^T (R_P, ROWS), once a segment
         acc_a = tl.zeros((R_P, ROWS), tl.float32)  # (P A)^T, rescaled with acc
-        if LR_Q:
-            va_s = tl.load(vas + r, mask=r < v_r, other=0.0).to(tl.float32)  # (R_P,)
+    else:  # never read
+        ka = kq0
+        kb = kq0
+        kas = kq0
+        kbs = kq0
+        va = kq0
+        vb = kq0
+        vas = kq0
+        vbs = kq0
+    if HAS_OUT:
+        kov = _field(fields, seg, 0, 7, h, VAL_T)
+        koi = _field(fields, seg, 0, 8, h, IDX_T)
+        kbk = _field(fields, seg, 0, 9, h, tl.int32)
+        vov = _field(fields, seg, 1, 7, h, VAL_T)
+        voi = _field(fields, seg, 1, 8, h, IDX_T)
+        vbk = _field(fields, seg, 1, 9, h, tl.int32)
     for t0 in range(t_lo, t_hi, BLOCK_N):
         tok = t0 + cols
         t_ok = tok < t_hi
         t_end = tl.minimum(t0 + BLOCK_N, t_hi)
         # ---- scores^T (BLOCK_N, ROWS)
-        k = _dequant_tile(kc, ks, kz, t0, t_hi, D, K_W, k_gs, k_g, K_BITS, K_PW, K_PC, K_MODE, BLOCK_N, D_P)
+        k = K_TILE(kq0, kq1, kq2, t0, t_hi, D, K_W, K_GW, k_g, K_BITS, K_PW, K_LAYOUT, K_MODE, BLOCK_N, D_P)
         s = tl.dot(k.to(DOT), q_t, input_precision=PREC)  # fp32 accumulation
-        if K_LR:
+        if HAS_LR:
             a = tl.load(ka + tok[:, None] * k_r + r[None, :], mask=t_ok[:, None] & (r < k_r)[None, :],
                         other=0.0).to(tl.float32)  # A tile (BLOCK_N, R_P)
             if LR_Q:
                 a = a * ka_s[None, :]
             s += tl.dot(a, qb_t, input_precision=PREC)  # A (q B)^T: the rank-r part, never A B^T
-        if K_OUT:
+        if HAS_OUT:
             o_lo = tl.load(kbk + t0 // BUCKET)
             o_hi = tl.load(kbk + (t_end + BUCKET - 1) // BUCKET)
             for o0 in range(o_lo, o_hi, BLOCK_O):
-                ot, od, delta, ook = _outlier_block(koi, kov, o0, o_hi, kc, ks, kz, ka, kb, kas, kbs, D, K_W, k_gs,
-                                                    k_g, k_r, k_r, k_r, K_BITS, K_PW, K_PC, K_LR, LR_Q, BLOCK_O, R_G)
+                ot, od, delta, ook = _outlier_block(koi, kov, o0, o_hi, kq0, kq1, kq2, ka, kb, kas, kbs, D, K_W, K_GW,
+                                                    k_g, k_r, K_ENTRY, K_BITS, K_PW, K_LAYOUT, HAS_LR, LR_Q,
+                                                    BLOCK_O, R_G)
                 qd = tl.load(q_ptr + q_off[None, :] + od[:, None], mask=ook[:, None] & row_ok[None, :],
                              other=0.0).to(tl.float32)  # q[row, d] of each outlier (BLOCK_O, ROWS)
                 onehot = (cols[:, None] == (ot - t0)[None, :]) & ook[None, :]  # (BLOCK_N, BLOCK_O)
                 s += tl.dot(onehot.to(tl.float32), qd * delta[:, None], input_precision=PREC)
-        # ---- online softmax over the tile's tokens (axis 0)
         s = tl.where(t_ok[:, None] & row_ok[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[None, :])  # (BLOCK_N, ROWS)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha[None, :]
-        m_i = m_new
+        p, alpha, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
         # ---- values: acc^T += V^T P^T
-        v = _dequant_tile(vc, vs, vz, t0, t_hi, D, V_W, v_gs, v_g, V_BITS, V_PW, V_PC, V_MODE, BLOCK_N, D_P)
+        v = V_TILE(vq0, vq1, vq2, t0, t_hi, D, V_W, V_GW, v_g, V_BITS, V_PW, V_LAYOUT, V_MODE, BLOCK_N, D_P)
         p_dot = p.to(DOT)
         acc += tl.dot(tl.trans(v.to(DOT)), p_dot, input_precision=PREC)
-        if V_LR:
+        if HAS_LR:
             a_t = tl.load(va + tok[None, :] * v_r + r[:, None], mask=t_ok[None, :] & (r < v_r)[:, None],
                           other=0.0)  # A^T tile (R_P, BLOCK_N)
             if LR_Q:
                 a_t = a_t.to(tl.float32) * va_s[:, None]
             acc_a = acc_a * alpha[None, :] + tl.dot(a_t.to(DOT), p_dot, input_precision=PREC)
-        if V_OUT:
+        if HAS_OUT:
             o_lo = tl.load(vbk + t0 // BUCKET)
             o_hi = tl.load(vbk + (t_end + BUCKET - 1) // BUCKET)
             for o0 in range(o_lo, o_hi, BLOCK_O):
-                ot, od, delta, ook = _outlier_block(voi, vov, o0, o_hi, vc, vs, vz, va, vb, vas, vbs, D, V_W, v_gs,
-                                                    v_g, v_r, v_r, v_r, V_BITS, V_PW, V_PC, V_LR, LR_Q, BLOCK_O, R_G)
+                ot, od, delta, ook = _outlier_block(voi, vov, o0, o_hi, vq0, vq1, vq2, va, vb, vas, vbs, D, V_W, V_GW,
+                                                    v_g, v_r, V_ENTRY, V_BITS, V_PW, V_LAYOUT, HAS_LR, LR_Q,
+                                                    BLOCK_O, R_G)
                 pick = ((ot - t0)[:, None] == cols[None, :]) & ook[:, None]  # (BLOCK_O, BLOCK_N)
                 pt = tl.dot(pick.to(tl.float32), p, input_precision=PREC)  # P[t of each outlier] (BLOCK_O, ROWS)
                 put = (d[:, None] == od[None, :]) & ook[None, :]  # (D_P, BLOCK_O)
                 acc += tl.dot(put.to(tl.float32), pt * delta[:, None], input_precision=PREC)
-    if V_LR:
+    if HAS_LR:
         bv = tl.load(vb + d[:, None] * v_r + r[None, :], mask=d_ok[:, None] & (r < v_r)[None, :],
                      other=0.0).to(tl.float32)  # B (D_P, R_P)
         if LR_Q:
@@ -265,131 +233,72 @@ def _attend_slice(
 
 @triton.jit
 def _attend_kernel(
-    q_ptr, m_ptr, l_ptr, acc_ptr,
-    # prompt part (varlen rows): per-row token, group, outlier and bucket offsets
-    p_len, p_tok, p_grp, p_gsz, p_out, p_bkt,
-    pkc, pks, pkz, pka, pkb, pkoi, pkov, pkbk, pkas, pkbs,
-    pvc, pvs, pvz, pva, pvb, pvoi, pvov, pvbk, pvas, pvbs,
-    N, PNG_K, PNG_V, P_OUT_N, P_BKT_N, pk_r, pv_r, pk_g, pv_g,
-    # stream part (uniform chunks)
-    skc, sks, skz, ska, skb, skoi, skov, skbk, skas, skbs,
-    svc, svs, svz, sva, svb, svoi, svov, svbk, svas, svbs,
-    NC, S, SNG_K, SNG_V, S_OUT_K, sk_r, sv_r, sk_g, sv_g,
-    # exact buffer (batch, kv_heads, n_buf, D), last dim contiguous; row b's starts at its b_lead[b]
-    kbuf, vbuf, bk_sb, bk_sh, bk_st, bv_sb, bv_sh, bv_st, NBUF, b_lead,
-    D, K_W, V_W, H, QH, QL, RATIO, M, NRB, J, JP, JS, SPLIT_P, SPLIT_C, SPLIT_B, scale_log2,
-    K_BITS: tl.constexpr, K_PW: tl.constexpr, K_PC: tl.constexpr, K_MODE: tl.constexpr, K_OUT: tl.constexpr,
-    V_BITS: tl.constexpr, V_PW: tl.constexpr, V_PC: tl.constexpr, V_MODE: tl.constexpr, V_OUT: tl.constexpr,
-    PK_LR: tl.constexpr, PV_LR: tl.constexpr, SK_LR: tl.constexpr, SV_LR: tl.constexpr, LR_Q: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr, R_P: tl.constexpr, R_G: tl.constexpr,
-    BLOCK_O: tl.constexpr, BUCKET: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    q_ptr, m_ptr, l_ptr, acc_ptr, work, segments, fields, kbuf, vbuf, b_lead,
+    NBUF, D, H, QL, RATIO, M, NRB, scale_log2, K_W, K_GW, K_CG, V_W, V_GW, V_CG,
+    K_TILE: tl.constexpr, K_ENTRY: tl.constexpr, K_T1: tl.constexpr, K_T2: tl.constexpr, K_BITS: tl.constexpr,
+    K_PW: tl.constexpr, K_LAYOUT: tl.constexpr, K_MODE: tl.constexpr,
+    V_TILE: tl.constexpr, V_ENTRY: tl.constexpr, V_T1: tl.constexpr, V_T2: tl.constexpr, V_BITS: tl.constexpr,
+    V_PW: tl.constexpr, V_LAYOUT: tl.constexpr, V_MODE: tl.constexpr,
+    HAS_LR: tl.constexpr, LR_T: tl.constexpr, LR_Q: tl.constexpr, HAS_OUT: tl.constexpr, IDX_T: tl.constexpr,
+    VAL_T: tl.constexpr, CAUSAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr,
+    R_P: tl.constexpr, R_G: tl.constexpr, BLOCK_O: tl.constexpr, BUCKET: tl.constexpr, DOT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
-    pid_w = tl.program_id(0)
+    item = tl.program_id(0)
     pid_1 = tl.program_id(1)
-    b = pid_w // J
-    j = pid_w % J
     h = pid_1 // NRB
     rb = pid_1 % NRB
-    bh = b * H + h
-    bh64 = bh.to(tl.int64)
+    b = tl.load(work + item * 4)  # this item's row, segment (-1: the buffer) and token range
+    segment = tl.load(work + item * 4 + 1)
+    t_lo = tl.load(work + item * 4 + 2)
+    t_hi = tl.load(work + item * 4 + 3)
 
     rows = rb * ROWS + tl.arange(0, ROWS)
     row_ok = rows < M
     qi = rows % QL  # query index of each row; rows // QL is the member of the GQA group
     d = tl.arange(0, D_P)
     d_ok = d < D
-    q_off = ((b.to(tl.int64) * QH + h * RATIO + rows // QL) * QL + qi) * D
+    q_off = ((b * H + h) * RATIO * QL + rows) * D
     q_t = tl.load(q_ptr + q_off[None, :] + d[:, None], mask=d_ok[:, None] & row_ok[None, :],
                   other=0.0).to(DOT)  # (D_P, ROWS)
 
     m_i = tl.full((ROWS,), float("-inf"), tl.float32)
     l_i = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((D_P, ROWS), tl.float32)  # output^T
-    h64 = h.to(tl.int64)
-    if j < JP:  # a split of this row's prompt tokens
-        length = tl.load(p_len + b)
-        t_lo = j * SPLIT_P
-        t_hi = tl.minimum(t_lo + SPLIT_P, length)
-        if t_lo < t_hi:
-            tok0 = tl.load(p_tok + b).to(tl.int64)  # the row's first token on the packed axis
-            grp0 = tl.load(p_grp + b).to(tl.int64)
-            gsz = tl.load(p_gsz + b)
-            out0 = tl.load(p_out + b).to(tl.int64)
-            bkt0 = tl.load(p_bkt + b).to(tl.int64)
-            # per-channel scales are (H, D, NG): row b's groups start at grp0; per-token (H, N, NG)
-            k_sc = (h64 * D * PNG_K + grp0) if K_PC else (h64 * N + tok0) * PNG_K
-            v_sc = (h64 * D * PNG_V + grp0) if V_PC else (h64 * N + tok0) * PNG_V
-            m_i, l_i, acc = _attend_slice(
-                m_i, l_i, acc, q_t, q_ptr, q_off, row_ok, t_lo, t_hi,
-                pkc + (h64 * N + tok0) * K_W, pks + k_sc, pkz + k_sc, pka + (h64 * N + tok0) * pk_r,
-                pkb + bh64 * D * pk_r, pkoi + h64 * P_OUT_N + out0, pkov + h64 * P_OUT_N + out0,
-                pkbk + h64 * P_BKT_N + bkt0, pkas + bh64 * pk_r, pkbs + bh64 * pk_r,
-                PNG_K, pk_g if not K_PC else gsz, pk_r,
-                pvc + (h64 * N + tok0) * V_W, pvs + v_sc, pvz + v_sc, pva + (h64 * N + tok0) * pv_r,
-                pvb + bh64 * D * pv_r, pvoi + h64 * P_OUT_N + out0, pvov + h64 * P_OUT_N + out0,
-                pvbk + h64 * P_BKT_N + bkt0, pvas + bh64 * pv_r, pvbs + bh64 * pv_r,
-                PNG_V, pv_g if not V_PC else gsz, pv_r,
-                D, K_W, V_W, scale_log2,
-                K_BITS, K_PW, K_PC, K_MODE, PK_LR, K_OUT, V_BITS, V_PW, V_PC, V_MODE, PV_LR, V_OUT, LR_Q,
-                ROWS, BLOCK_N, D_P, R_P, R_G, BLOCK_O, BUCKET, DOT, PREC,
-            )
-    elif j < JP + JS:  # a split of whole streamed chunks
-        c_lo = (j - JP) * SPLIT_C
-        c_hi = tl.minimum(c_lo + SPLIT_C, NC)
-        for c in range(c_lo, c_hi):
-            c64 = tl.cast(c, tl.int64)
-            slot = bh64 * NC + c64  # (row, head, chunk)
-            tok0 = (bh64 * NC + c64) * S  # the chunk's first token on its (row, head)'s axis
-            k_sc = (bh64 * D * SNG_K * NC + c64 * SNG_K) if K_PC else tok0 * SNG_K
-            v_sc = (bh64 * D * SNG_V * NC + c64 * SNG_V) if V_PC else tok0 * SNG_V
-            n_bkt = (S + BUCKET - 1) // BUCKET + 1
-            m_i, l_i, acc = _attend_slice(
-                m_i, l_i, acc, q_t, q_ptr, q_off, row_ok, 0, S,
-                skc + tok0 * K_W, sks + k_sc, skz + k_sc, ska + tok0 * sk_r, skb + slot * D * sk_r,
-                skoi + slot * S_OUT_K, skov + slot * S_OUT_K, skbk + slot * n_bkt, skas + slot * sk_r, skbs + slot * sk_r,
-                SNG_K * NC if K_PC else SNG_K, sk_g, sk_r,
-                svc + tok0 * V_W, svs + v_sc, svz + v_sc, sva + tok0 * sv_r, svb + slot * D * sv_r,
-                svoi + slot * S_OUT_K, svov + slot * S_OUT_K, svbk + slot * n_bkt, svas + slot * sv_r, svbs + slot * sv_r,
-                SNG_V * NC if V_PC else SNG_V, sv_g, sv_r,
-                D, K_W, V_W, scale_log2,
-                K_BITS, K_PW, K_PC, K_MODE, SK_LR, K_OUT, V_BITS, V_PW, V_PC, V_MODE, SV_LR, V_OUT, LR_Q,
-                ROWS, BLOCK_N, D_P, R_P, R_G, BLOCK_O, BUCKET, DOT, PREC,
-            )
-    else:  # a split of the exact buffer
-        t_lo = (j - JP - JS) * SPLIT_B
-        t_hi = tl.minimum(t_lo + SPLIT_B, NBUF)
+    if segment >= 0:
+        m_i, l_i, acc = _attend_segment(
+            m_i, l_i, acc, q_t, q_ptr, q_off, row_ok, t_lo, t_hi, fields, segments + segment * (2 + 2 * (2 + N_SLOTS)),
+            h.to(tl.int64), D, scale_log2,
+            K_TILE, K_ENTRY, K_T1, K_T2, K_BITS, K_PW, K_LAYOUT, K_MODE, K_W, K_GW, K_CG,
+            V_TILE, V_ENTRY, V_T1, V_T2, V_BITS, V_PW, V_LAYOUT, V_MODE, V_W, V_GW, V_CG,
+            HAS_LR, LR_T, LR_Q, HAS_OUT, IDX_T, VAL_T, ROWS, BLOCK_N, D_P, R_P, R_G, BLOCK_O, BUCKET, DOT, PREC,
+        )
+    else:  # the exact buffer (B, H, NBUF, D), contiguous; row b's starts at its b_lead[b]
         cols = tl.arange(0, BLOCK_N)
         lead = tl.load(b_lead + b)
+        base = (b * H + h) * NBUF * D
         for t0 in range(t_lo, t_hi, BLOCK_N):
             tok = t0 + cols
             t_ok = (tok < t_hi) & (tok >= lead)
             kv_ok = t_ok[:, None] & d_ok[None, :]
-            k = tl.load(kbuf + b.to(tl.int64) * bk_sb + h * bk_sh + tok[:, None] * bk_st + d[None, :], mask=kv_ok, other=0.0)
+            k = tl.load(kbuf + base + tok[:, None] * D + d[None, :], mask=kv_ok, other=0.0)
             s = tl.dot(k.to(DOT), q_t, input_precision=PREC)
             valid = t_ok[:, None] & row_ok[None, :]
             if CAUSAL:  # query i is the buffer's token NBUF - QL + i
                 valid = valid & (tok[:, None] <= (NBUF - QL + qi)[None, :])
             s = tl.where(valid, s * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_use)
-            p = tl.math.exp2(s - m_use[None, :])
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha[None, :]
-            m_i = m_new
-            v = tl.load(vbuf + b.to(tl.int64) * bv_sb + h * bv_sh + tok[:, None] * bv_st + d[None, :], mask=kv_ok, other=0.0)
+            p, alpha, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
+            v = tl.load(vbuf + base + tok[:, None] * D + d[None, :], mask=kv_ok, other=0.0)
             acc += tl.dot(tl.trans(v.to(DOT)), p.to(DOT), input_precision=PREC)
 
-    M_TOT = NRB * ROWS
-    out = ((b.to(tl.int64) * J + j) * H + h) * M_TOT + rows  # every program writes its slot
+    out = (item * H + h) * NRB * ROWS + rows  # every program writes its slot
     tl.store(m_ptr + out, m_i)
     tl.store(l_ptr + out, l_i)
     tl.store(acc_ptr + out[None, :] * D_P + d[:, None], acc)
 
 
 @triton.jit
-def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, J, D, H, QH, QL, RATIO, M, NRB,
+def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, cu_work, D, H, QL, RATIO, M, NRB,
                   ROWS: tl.constexpr, D_P: tl.constexpr):
     bh = tl.program_id(0)
     rb = tl.program_id(1)
@@ -397,16 +306,15 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, J, D, H, QH, QL, RATIO, M, NRB
     h = bh % H
     rows = rb * ROWS + tl.arange(0, ROWS)
     d = tl.arange(0, D_P)
-    M_TOT = NRB * ROWS
     m_i = tl.full((ROWS,), float("-inf"), tl.float32)
     l_i = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, D_P), tl.float32)
-    for j in range(0, J):
-        slot = ((b.to(tl.int64) * J + j) * H + h) * M_TOT + rows
+    for j in range(tl.load(cu_work + b), tl.load(cu_work + b + 1)):
+        slot = (j * H + h) * NRB * ROWS + rows
         m_s = tl.load(m_ptr + slot)
         l_s = tl.load(l_ptr + slot)
         a_s = tl.load(acc_ptr + slot[:, None] * D_P + d[None, :])
-        live = l_s != 0  # an empty work item adds nothing; NaN propagates
+        live = l_s != 0  # an item with nothing visible adds nothing; NaN propagates
         m_s = tl.where(live, m_s, float("-inf"))
         m_new = tl.maximum(m_i, m_s)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -417,64 +325,102 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, J, D, H, QH, QL, RATIO, M, NRB
         m_i = m_new
     row_ok = rows < M
     out = acc / tl.where(row_ok, l_i, 1.0)[:, None]  # padding rows: no 0 / 0
-    o_off = ((b.to(tl.int64) * QH + h * RATIO + rows // QL) * QL + rows % QL) * D
+    o_off = ((b.to(tl.int64) * H + h) * RATIO * QL + rows) * D
     tl.store(out_ptr + o_off[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (d < D)[None, :])
 
 
 # ------------------------------------------------------------------------------ host side
 
-
-def _mode(part_group_ok: bool, bits: int, dim: int, per_channel: bool, group: int) -> int:
-    """How _dequant_tile reads a side (see there): 0 gather, 1 whole bytes, 2 bytes + one group."""
-    pw = CODES_PER_WORD[bits]
-    if bits == 3 or dim % pw or (not per_channel and group % pw):
-        return 0
-    return 2 if per_channel and part_group_ok else 1
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.uint8: tl.uint8,
+             torch.int8: tl.int8, torch.uint16: tl.uint16, torch.int16: tl.int16, torch.int32: tl.int32,
+             torch.int64: tl.int64}
 
 
-def _check_sorted(index: torch.Tensor) -> None:
-    if index.shape[-1] > 1 and (index.device.type != "cuda" or CHECK_OUTLIER_ORDER):
-        i = index.long()
-        assert bool((i[..., 1:] >= i[..., :-1]).all()), \
-            "outlier_index must be sorted ascending in every slice (as gear_kernels.compress stores it)"
+def _slot_names(side: Packed) -> list[str | None]:
+    """The field in each of SLOTS for this side (None: not stored)."""
+    quant = [f.name for f in side.quantizer.fields] + [None] * (QUANT_SLOTS - len(side.quantizer.fields))
+    return [*quant, *(n if n in side.data else None for n in SLOTS[QUANT_SLOTS:])]
 
 
-def _pointers(part, dummies: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """A part's tensors in the kernels' order (codes, scale, zero, A, B, outlier index, values,
-    buckets, A's and B's column scales); dummies of the right types where it has none (never
-    read, but compiled)."""
-    names = ("codes", "scale", "zero", "lowrank_a", "lowrank_b", "outlier_index", "outlier_values", "outlier_bucket",
-             "lowrank_a_scale", "lowrank_b_scale")
-    return [dummies[n] if part is None or getattr(part, n) is None else getattr(part, n) for n in names]
+def _tables(keys: Packed, values: Packed, consts: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """fields (2, 2, N_SLOTS) int64: each side's field pointers and head strides (a quantizer's
+    constant tensor, if any, in its first free slot, stride 0); segments (S, 2 + 2 * SIDE):
+    row, tokens, then per side token group, rank and each slot's offset."""
+    dev = next(iter(keys.data.values())).device
+    fields = torch.zeros(2, 2, len(SLOTS), dtype=torch.int64)
+    segments = torch.zeros(keys.segments, 2 + 2 * SIDE, dtype=torch.int64)
+    segments[:, 0], segments[:, 1] = keys.rows, keys.tokens
+    for i, (side, const) in enumerate(zip((keys, values), consts)):
+        col = 2 + i * SIDE
+        segments[:, col] = side.groups
+        if "lowrank_a" in side.data:
+            segments[:, col + 1] = side.counts["lowrank_a"] // side.tokens
+        for slot, name in enumerate(_slot_names(side)):
+            if name is not None:
+                fields[i, 0, slot], fields[i, 1, slot] = side.data[name].data_ptr(), side.data[name].stride(0)
+                segments[:, col + 2 + slot] = side.offsets[name]
+            elif const is not None and slot < QUANT_SLOTS:
+                fields[i, 0, slot], const = const.data_ptr(), None
+    return fields.to(dev), segments.to(dev)
 
 
-def _check_sorted_rows(part: PromptPart) -> None:
-    """Each row's outliers are sorted within the row (checked on CPU; on CUDA when asked)."""
-    if part.outlier_index is None or (part.codes.device.type == "cuda" and not CHECK_OUTLIER_ORDER):
+def _work(store: KVStore | None, batch: int, n_buf: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Work items (n, 4) int64: row, segment (-1: the buffer), first and end token; sorted by row,
+    with cu_work (batch + 1,) the first item of each row (as cu_seqlens)."""
+    items = []
+    if store is not None and store.keys is not None:
+        tokens = store.keys.tokens
+        pieces = -(-tokens // split)  # (S,)
+        segment = torch.repeat_interleave(torch.arange(len(tokens)), pieces)
+        first = (torch.arange(len(segment)) - _exclusive(pieces)[segment]) * split
+        items.append(torch.stack([store.keys.rows[segment], segment, first,
+                                  torch.minimum(first + split, tokens[segment])], 1))
+    if n_buf:
+        pieces = -(-n_buf // split)
+        first = torch.arange(pieces) * split
+        one = torch.stack([torch.full_like(first, -1), first, (first + split).clamp(max=n_buf)], 1)
+        rows = torch.arange(batch).repeat_interleave(pieces)
+        items.append(torch.cat([rows[:, None], one.repeat(batch, 1)], 1))
+    work = torch.cat(items)
+    work = work[torch.sort(work[:, 0], stable=True).indices]
+    cu = torch.zeros(batch + 1, dtype=torch.int64)
+    cu[1:] = torch.cumsum(torch.bincount(work[:, 0], minlength=batch), 0)
+    return work, cu
+
+
+def _check_sorted(side: Packed) -> None:
+    """Each segment's outliers ascending (checked on CPU; on CUDA when asked)."""
+    index = side.data.get("outlier_index")
+    if index is None or index.shape[1] < 2 or (index.device.type == "cuda" and not CHECK_OUTLIER_ORDER):
         return
-    start = 0
-    for count in part.outlier_counts.tolist():
-        _check_sorted(part.outlier_index[:, start : start + count])
-        start += count
+    step = index[:, 1:].long() - index[:, :-1].long()
+    boundary = torch.zeros(index.shape[1] - 1, dtype=torch.bool)
+    starts = side.offsets["outlier_index"][side.offsets["outlier_index"] > 0]
+    boundary[starts - 1] = True  # a new segment may start lower
+    assert bool(((step >= 0) | boundary.to(step.device)).all()), \
+        "outlier_index must be sorted ascending in every segment (as gear_kernels.compress stores it)"
 
 
-def _sizes(part) -> dict:
-    """The kernels' integers of a part: groups a slice (per-channel: of the whole part for the
-    prompt, a chunk for the stream), outliers a slice, buckets, rank, group size."""
-    if part is None:
-        return dict(ng=1, n_out=0, n_bkt=0, rank=1, group=1, lr=False)
-    lr, has_out = part.lowrank_a is not None, part.outlier_values is not None
-    groups = part.scale.shape[-1]
-    if isinstance(part, StreamPart) and part.per_channel:
-        groups //= part.chunks
-    return dict(ng=groups, n_out=part.outlier_values.shape[-1] if has_out else 0,
-                n_bkt=part.outlier_bucket.shape[-1] if has_out else 0,
-                rank=part.lowrank_a.shape[-1] if lr else 1, group=part.group, lr=lr)
+def _side_args(prefix: str, side: Packed | None, dim: int, block_n: int) -> tuple[dict, dict, object]:
+    """A side's runtime ints, constexprs and constant tensor from its quantizer's triton_spec."""
+    if side is None:  # the buffer only: never read, but compiled
+        from .quantizers.uniform import dequant_entries, dequant_tile
 
-
-def _offsets(counts: torch.Tensor) -> torch.Tensor:
-    return (torch.cumsum(counts, 0) - counts).to(torch.int64)
+        spec = dict(tile=dequant_tile, entry=dequant_entries, BITS=2, PW=4, LAYOUT=False, MODE=0, W=1, GW=1, CG=1,
+                    consts=None)
+        dtypes = [tl.float16, tl.float16]
+    else:
+        spec = side.quantizer.triton_spec(dim, side.groups, side.tokens, block_n)
+        names = [f.name for f in side.quantizer.fields][1:] + [None] * QUANT_SLOTS
+        consts = spec["consts"]
+        dtypes = [TL_DTYPES[side.data[n].dtype] if n is not None else TL_DTYPES[consts.dtype] if consts is not None
+                  else tl.float16 for n in names[:2]]
+    ints = {f"{prefix}_W": spec["W"], f"{prefix}_GW": spec["GW"], f"{prefix}_CG": spec["CG"]}
+    flags = {f"{prefix}_TILE": spec["tile"], f"{prefix}_ENTRY": spec["entry"], f"{prefix}_T1": dtypes[0],
+             f"{prefix}_T2": dtypes[1], f"{prefix}_BITS": spec["BITS"], f"{prefix}_PW": spec["PW"],
+             f"{prefix}_LAYOUT": spec["LAYOUT"], f"{prefix}_MODE": spec["MODE"]}
+    return ints, flags, spec["consts"]
 
 
 @td.launches_on_input_device
@@ -515,116 +461,61 @@ def decode_attention_triton(
     # corrections (low rank, outliers) in tf32. fp32 models: ieee fp32 throughout. The
     # interpreter computes 16-bit dots wrongly, so it uses fp32 (ieee) for all of them.
     full = q.dtype == torch.float32 or small
-    dot = tl.float32 if full else {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[q.dtype]
+    dot = tl.float32 if full else TL_DTYPES[q.dtype]
     prec = "ieee" if full else "tf32"
 
-    prompt_k = prompt_v = stream_k = stream_v = None
-    if store is not None:
-        prompt_k, prompt_v, stream_k, stream_v = store.prompt_keys, store.prompt_values, store.stream_keys, store.stream_values
-    ref = next((part for part in (prompt_k, stream_k) if part is not None), None)
-    ints = torch.zeros(1, dtype=torch.int32, device=dev)
-    dummies = dict(codes=torch.zeros(1, dtype=torch.uint8, device=dev), scale=q, zero=q, lowrank_a=q, lowrank_b=q,
-                   outlier_index=ints, outlier_values=q, outlier_bucket=ints, lowrank_a_scale=q, lowrank_b_scale=q)
-    for part in (prompt_k, prompt_v):
-        if part is not None:
-            _check_sorted_rows(part)
-    for part in (stream_k, stream_v):
-        if part is not None and part.outlier_index is not None:
-            _check_sorted(part.outlier_index)
-    pk, pv, sk, sv = (_pointers(part, dummies) for part in (prompt_k, prompt_v, stream_k, stream_v))
-    pk_i, pv_i, sk_i, sv_i = (_sizes(part) for part in (prompt_k, prompt_v, stream_k, stream_v))
-    for part in (prompt_k, prompt_v, stream_k, stream_v):
-        for t in ([] if part is None else part.tensors()):
-            assert t.is_contiguous(), "store tensors must be contiguous (the kernels index them densely)"
+    keys = values = None
+    if store is not None and store.keys is not None:
+        keys, values = store.keys, store.values
+        for side in (keys, values):
+            _check_sorted(side)
+            assert all(t.is_contiguous() for t in side.data.values()), "store fields must be contiguous"
+    k_ints, k_flags, k_const = _side_args("K", keys, p.head_dim, block_n)
+    v_ints, v_flags, v_const = _side_args("V", values, p.head_dim, block_n)
+    if keys is not None:
+        consts = [None if c is None else c.to(dev) for c in (k_const, v_const)]  # held until the launch
+        fields, segments = _tables(keys, values, consts)
+        rank = int(segments[:, 3].max()) if "lowrank_a" in keys.data else 1
+    else:
+        fields = torch.zeros(2, 2, len(SLOTS), dtype=torch.int64, device=dev)
+        segments = torch.zeros(1, 2 + 2 * SIDE, dtype=torch.int64, device=dev)
+        rank = 1
 
-    # work per row: prompt splits, stream splits (whole chunks), buffer splits
-    longest = int(prompt_k.lengths.max()) if prompt_k is not None else 0
-    n_chunks = stream_k.chunks if stream_k is not None else 0
-    chunk_tokens = stream_k.chunk_tokens if stream_k is not None else 1
-    programs = p.batch * p.kv_heads * nrb
+    # work: splits of each segment and of the buffer, about TUNING's programs per SM in all
+    longest = max(int(keys.tokens.max()) if keys is not None else 0, n_buf, 1)
     if split_tokens is not None:
         per = split_tokens
     elif small:
-        per = max(longest, n_chunks * chunk_tokens, n_buf, 1)
+        per = longest
     else:
+        held = int(keys.tokens.sum()) if keys is not None else 0
         wanted = TUNING["programs_per_sm"] * td.num_sms(dev)
-        per = triton.cdiv(longest + n_chunks * chunk_tokens + n_buf, max(1, wanted // programs))
-    split_p = max(block_n, triton.cdiv(per, block_n) * block_n)
-    split_c = max(1, per // chunk_tokens)
-    split_b = split_p
-    jp = triton.cdiv(longest, split_p) if prompt_k is not None else 0
-    js = triton.cdiv(n_chunks, split_c)
-    jb = triton.cdiv(n_buf, split_b)
-    n_work = jp + js + jb
+        per = triton.cdiv(held + p.batch * n_buf, max(1, wanted // (p.kv_heads * nrb)))
+    split = max(block_n, triton.cdiv(per, block_n) * block_n)
+    work, cu_work = _work(store, p.batch, n_buf, split)
+    n_work = len(work)
 
-    # per-row offsets of the prompt part (int64 on the device)
-    if prompt_k is not None:
-        # per-row offsets on the packed axes; values are grouped per token in every backbone, so
-        # the per-channel group offsets and sizes are the keys'
-        lengths = prompt_k.lengths
-        p_len = lengths.to(dev, torch.int64)
-        p_tok = _offsets(lengths).to(dev)
-        p_grp = _offsets(-(-lengths // prompt_k.group_sizes)).to(dev)
-        p_gsz = prompt_k.group_sizes.to(dev, torch.int64)
-        has_out = prompt_k.outlier_values is not None
-        p_out = _offsets(prompt_k.outlier_counts).to(dev) if has_out else p_tok
-        p_bkt = _offsets(prompt_k.bucket_counts()).to(dev) if has_out else p_tok
-        n_tokens = int(lengths.sum())
-    else:
-        p_len = p_tok = p_grp = p_gsz = p_out = p_bkt = torch.zeros(p.batch, dtype=torch.int64, device=dev)
-        n_tokens = 0
     if k_buf is not None:
-        kb_, vb_ = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_buf, v_buf))
-        buf_strides = [kb_.stride(0), kb_.stride(1), kb_.stride(2), vb_.stride(0), vb_.stride(1), vb_.stride(2)]
+        kb_, vb_ = k_buf.contiguous(), v_buf.contiguous()
     else:
         kb_ = vb_ = q
-        buf_strides = [0] * 6
-    # keys and values may have their own widths (key_bits, value_bits): each side reads its own
-    ref_k, ref_v = prompt_k or stream_k, prompt_v or stream_v
-    k_bits, v_bits = (side.bits if side is not None else 2 for side in (ref_k, ref_v))
-    k_w, v_w = (side.codes.shape[-1] if side is not None else 1 for side in (ref_k, ref_v))
-    k_pc = (prompt_k or stream_k).per_channel if ref is not None else False
-    v_pc = (prompt_v or stream_v).per_channel if ref is not None else False
-
-    def group_ok(kind_parts) -> bool:
-        """Every tile of every slice lies in one per-channel group (MODE 2)."""
-        ok = True
-        for part in kind_parts:
-            if part is None or not part.per_channel:
-                continue
-            if isinstance(part, PromptPart):
-                ok &= bool(((part.group_sizes % block_n == 0) | (part.group_sizes >= part.lengths)).all())
-            else:
-                ok &= part.group % block_n == 0 or part.group >= part.chunk_tokens
-        return ok
-
-    k_mode = _mode(group_ok((prompt_k, stream_k)), k_bits, p.head_dim, k_pc, ref_k.group if ref else 1)
-    v_mode = _mode(group_ok((prompt_v, stream_v)), v_bits, p.head_dim, v_pc, ref_v.group if ref else 1)
-    lr_q = ref is not None and ref_k.lowrank_a_scale is not None
-    has_out = ref is not None and (prompt_k or stream_k).outlier_values is not None
-    rank = max(pk_i["rank"], pv_i["rank"], sk_i["rank"], sv_i["rank"])
-
+    ref = keys if keys is not None else None
     m_tot = nrb * rows
     scratch = torch.full if POISON else (lambda shape, _fill, **kw: torch.empty(shape, **kw))
-    m = scratch((p.batch, n_work, p.kv_heads, m_tot), float("nan"), dtype=torch.float32, device=dev)
-    l = scratch((p.batch, n_work, p.kv_heads, m_tot), float("nan"), dtype=torch.float32, device=dev)
-    acc = scratch((p.batch, n_work, p.kv_heads, m_tot, d_p), float("nan"), dtype=torch.float32, device=dev)
-    _attend_kernel[(p.batch * n_work, p.kv_heads * nrb)](
-        q, m, l, acc,
-        p_len, p_tok, p_grp, p_gsz, p_out, p_bkt,
-        *pk, *pv,
-        n_tokens, pk_i["ng"], pv_i["ng"], pk_i["n_out"], pk_i["n_bkt"], pk_i["rank"], pv_i["rank"],
-        pk_i["group"], pv_i["group"],
-        *sk, *sv,
-        n_chunks, chunk_tokens, sk_i["ng"], sv_i["ng"], sk_i["n_out"], sk_i["rank"], sv_i["rank"],
-        sk_i["group"], sv_i["group"],
-        kb_, vb_, *buf_strides, n_buf, lead.to(dev, torch.int64),
-        p.head_dim, k_w, v_w, p.kv_heads, p.q_heads, p.q_len, p.ratio, rows_total, nrb, n_work, jp, js,
-        split_p, split_c, split_b, float(scale) * LOG2E,
-        K_BITS=k_bits, K_PW=CODES_PER_WORD[k_bits], K_PC=k_pc, K_MODE=k_mode, K_OUT=has_out,
-        V_BITS=v_bits, V_PW=CODES_PER_WORD[v_bits], V_PC=v_pc, V_MODE=v_mode, V_OUT=has_out,
-        PK_LR=pk_i["lr"], PV_LR=pv_i["lr"], SK_LR=sk_i["lr"], SV_LR=sv_i["lr"], LR_Q=lr_q, CAUSAL=p.q_len > 1,
-        ROWS=rows, BLOCK_N=block_n, D_P=d_p, R_P=max(16, _pow2(rank)), R_G=max(2, _pow2(rank)),
+    m = scratch((n_work, p.kv_heads, m_tot), float("nan"), dtype=torch.float32, device=dev)
+    l = scratch((n_work, p.kv_heads, m_tot), float("nan"), dtype=torch.float32, device=dev)
+    acc = scratch((n_work, p.kv_heads, m_tot, d_p), float("nan"), dtype=torch.float32, device=dev)
+    has_lr = ref is not None and "lowrank_a" in ref.data
+    has_out = ref is not None and "outlier_index" in ref.data
+    _attend_kernel[(n_work, p.kv_heads * nrb)](
+        q, m, l, acc, work.to(dev), segments, fields, kb_, vb_, lead.to(dev, torch.int64),
+        n_buf, p.head_dim, p.kv_heads, p.q_len, p.ratio, rows_total, nrb, float(scale) * LOG2E, *k_ints.values(),
+        *v_ints.values(), **k_flags, **v_flags,
+        HAS_LR=has_lr, LR_T=TL_DTYPES[ref.data["lowrank_a"].dtype] if has_lr else tl.float16,
+        LR_Q=has_lr and "lowrank_a_scale" in ref.data, HAS_OUT=has_out,
+        IDX_T=TL_DTYPES[ref.data["outlier_index"].dtype] if has_out else tl.int32,
+        VAL_T=TL_DTYPES[ref.data["outlier_values"].dtype] if has_out else tl.float16,
+        CAUSAL=p.q_len > 1, ROWS=rows, BLOCK_N=block_n, D_P=d_p, R_P=max(16, _pow2(rank)), R_G=max(2, _pow2(rank)),
         BLOCK_O=block_o, BUCKET=BUCKET, DOT=dot, PREC=prec,
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
@@ -633,6 +524,6 @@ def decode_attention_triton(
     else:
         assert out.shape == q.shape and out.dtype == q.dtype and out.device == dev and out.is_contiguous(), \
             "out must be a contiguous tensor like q"
-    _merge_kernel[(p.batch * p.kv_heads, nrb)](m, l, acc, out, n_work, p.head_dim, p.kv_heads, p.q_heads, p.q_len,
+    _merge_kernel[(p.batch * p.kv_heads, nrb)](m, l, acc, out, cu_work.to(dev), p.head_dim, p.kv_heads, p.q_len,
                                                p.ratio, rows_total, nrb, ROWS=rows, D_P=d_p, num_warps=4)
     return out

@@ -1,25 +1,17 @@
-"""Triton kernels that quantize and pack one KV chunk, beside the torch reference they match.
+"""Triton kernels that quantize and pack one KV chunk: the uniform quantizers' (quantizers/uniform.py)
+encode on a GPU, beside the torch reference they match bit for bit.
 
-`compress_triton(x, config, kind, rank)` returns the same CompressedChunk as
-`chunk.compress(x, config, kind, rank)`:
+codes, scale, zero are bitwise identical to the reference (every layout and bit width). The
+kernels repeat its arithmetic step by step: min/max over the group without the excluded
+entries, zero = lo rounded down to fp16, scale = (hi - zero) / levels (IEEE division, div_rn)
+rounded up to fp16, code = round-half-to-even(clamp((x - zero) / scale, 0, levels)) (IEEE
+division; the rounding is done exactly on floor and fraction, so there is no tie-breaking
+difference). Directed fp16 rounding is done on the bit pattern (round to nearest, then one ulp
+toward -inf / +inf when the nearest lies on the wrong side), as torch.nextafter does.
 
-- codes, scale, zero: bitwise identical (every backbone and bit width). The kernels repeat the
-  reference's arithmetic step by step: min/max over the group without the excluded entries,
-  zero = lo rounded down to fp16, scale = (hi - zero) / levels (IEEE division, div_rn) rounded
-  up to fp16, code = round-half-to-even(clamp((x - zero) / scale, 0, levels)) (IEEE division;
-  the rounding is done exactly on floor and fraction, so there is no tie-breaking difference).
-  Directed fp16 rounding is done on the bit pattern (round to nearest, then one ulp toward
-  -inf / +inf when the nearest lies on the wrong side), as torch.nextafter does.
-- outliers: chosen by the same torch code (topk is not a kernel here), stored sorted by position.
-- low-rank factors: the pack kernel also writes the residual X - D (0 at outliers), and the
-  same seeded power iteration runs on it. The pack kernel is compiled without FP fusion, so
-  code * scale + zero is rounded twice, as quantize.dequantize (torch.addcmul) computes it on
-  CPU: under TRITON_INTERPRET=1 the residual, A and B are bitwise the reference's. On a GPU,
-  torch's own addcmul may fuse into an FMA, so A and B can differ from it in the last bits.
-
-Two kernels: `_group_stats_kernel` (scale and zero of every group) and `_pack_kernel` (codes,
-packed words and residual, one program per block of packed words; a token's codes are its own
-row of bytes, 3-bit ones 8 to a 3-byte word).
+Two kernels: `_group_stats_kernel` (scale and zero of every group) and `_pack_kernel` (codes
+and packed words, one program per block of packed words; a token's codes are its own row of
+bytes, 3-bit ones 8 to a 3-byte word).
 """
 
 from __future__ import annotations
@@ -30,8 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import CompressedChunk, compress
-from .config import GearConfig
 from .packing import BYTES_PER_WORD, CODES_PER_WORD, packed_length
 from .quantize import FP16_MAX, levels
 from . import triton_device as td
@@ -136,16 +126,15 @@ def _group_stats_kernel(
 
 @triton.jit
 def _pack_kernel(
-    x_ptr, ex_ptr, scale_ptr, zero_ptr, codes_ptr, res_ptr,
+    x_ptr, scale_ptr, zero_ptr, codes_ptr,
     T, D, NG, G, WPT, top,
     BITS: tl.constexpr, PW: tl.constexpr, PW_P2: tl.constexpr, WB: tl.constexpr, PER_CHANNEL: tl.constexpr,
-    HAS_EX: tl.constexpr, WRITE_RES: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_W: tl.constexpr,
 ):
     """Codes of a block of BLOCK_W packed words of one slice; grid (rows, word blocks).
 
     Token t holds WPT words (packing.py): word u holds the codes of channels u * PW + j
-    (j < PW) at bit offset j * BITS, and is stored as its WB bytes, low first. Optionally
-    writes the residual x - dequant (0 at excluded entries), fp32.
+    (j < PW) at bit offset j * BITS, and is stored as its WB bytes, low first.
     """
     row = tl.program_id(0).to(tl.int64)
     w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)  # word index in the slice, (T, WPT) order
@@ -167,11 +156,6 @@ def _pack_kernel(
     w_ok = w < T * WPT
     for byte in tl.static_range(WB):
         tl.store(codes_ptr + row * T * WPT * WB + w * WB + byte, ((word >> (8 * byte)) & 0xFF).to(tl.uint8), mask=w_ok)
-    if WRITE_RES:
-        res = x - (code * scale + zero)
-        if HAS_EX:
-            res = tl.where(tl.load(ex_ptr + row * T * D + i, mask=ok, other=0) != 0, 0.0, res)
-        tl.store(res_ptr + row * T * D + i, res, mask=ok)
 
 
 POISON = False  # tests: fill every output with NaN (floats) or all ones (codes) before the kernels
@@ -190,13 +174,12 @@ def quantize_pack(
     bits: int,
     group: int,
     per_channel: bool,
-    want_residual: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """x (rows, T, D) float -> codes (rows, T, bytes), scale, zero, residual (rows, T, D) fp32 or None.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (rows, T, D) float -> codes (rows, T, bytes), scale, zero: (rows, D, NG) fp16 if
+    per_channel else (rows, T, NG).
 
-    exclude (rows, T*D) uint8/bool or None: entries left out of the min/max (outliers); they
-    still get a code, and a residual of 0. scale/zero: (rows, D, NG) if per_channel else
-    (rows, T, NG), fp16. Raises ValueError when a scale or zero overflows fp16 (as the reference).
+    exclude (rows, T, D) bool or None: entries left out of the min/max (outliers); they still
+    get a code. Raises ValueError when a scale or zero overflows fp16 (as the reference).
     """
     assert x.dim() == 3 and x.is_contiguous(), "x must be a contiguous (rows, T, D) tensor"
     assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {x.dtype}"
@@ -205,10 +188,9 @@ def quantize_pack(
     rows, tokens, dim = x.shape
     assert rows >= 1 and tokens >= 1 and dim >= 1, f"empty input {tuple(x.shape)}"
     if exclude is not None:
-        assert exclude.shape == (rows, tokens * dim) and exclude.is_contiguous(), "exclude must be (rows, T*D)"
+        assert exclude.shape == x.shape and exclude.dtype == torch.bool, "exclude must be (rows, T, D) bool"
         assert exclude.device == x.device
-        exclude = exclude.view(torch.uint8) if exclude.dtype == torch.bool else exclude
-        assert exclude.dtype == torch.uint8, "exclude must be bool or uint8"
+        exclude = exclude.contiguous().view(torch.uint8)
     length = tokens if per_channel else dim
     n_groups = math.ceil(length / group)
     top = float(levels(bits))
@@ -234,24 +216,16 @@ def quantize_pack(
     words_per_token = math.ceil(dim / per_word)
     words = tokens * words_per_token
     codes = _new((rows, tokens, packed_length(dim, bits)), torch.uint8, dev)
-    residual = _new((rows, tokens, dim), torch.float32, dev) if want_residual else None
     pw_p2 = _pow2(per_word)
     block_w = max(1, min(_pow2(words), (16384 if small else 1024) // pw_p2))
     _pack_kernel[(rows, triton.cdiv(words, block_w))](
-        x, ex_arg, scale, zero, codes, residual if want_residual else scale,
+        x, scale, zero, codes,
         tokens, dim, n_groups, group, words_per_token, top,
-        BITS=bits, PW=per_word, PW_P2=pw_p2, WB=BYTES_PER_WORD[bits], PER_CHANNEL=per_channel,
-        HAS_EX=exclude is not None, WRITE_RES=want_residual, BLOCK_W=block_w,
-        enable_fp_fusion=False,  # code * scale + zero rounded twice, as the reference: same residual
+        BITS=bits, PW=per_word, PW_P2=pw_p2, WB=BYTES_PER_WORD[bits], PER_CHANNEL=per_channel, BLOCK_W=block_w,
     )
     if not (torch.isfinite(scale).all() and torch.isfinite(zero).all()):
         raise ValueError(
             f"values beyond the fp16 range (|x| > {FP16_MAX:.0f}) cannot be quantized with fp16 "
             "scales; use method=none for this model"
         )
-    return codes, scale, zero, residual
-
-
-def compress_triton(x: torch.Tensor, config: GearConfig, kind: str, rank: int | None = None) -> CompressedChunk:
-    """chunk.compress with the quantization and packing done by Triton kernels (same output)."""
-    return compress(x, config, kind, rank, quantize_pack=quantize_pack)
+    return codes, scale, zero

@@ -116,5 +116,5 @@ def test_forced_pieces_through_a_window(window):
         one.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
     piece.update(k[:, :, 6:14], v[:, :, 6:14])  # ends on the flush at 14
     assert (one.offset(), one.get_seq_length(), one.store.chunks) == (piece.offset(), piece.get_seq_length(), piece.store.chunks)
-    for a, b in zip(one.store.parts(), piece.store.parts()):
+    for a, b in zip(one.store.parts(), piece.store.parts(), strict=True):
         assert_same_parts(a, b)

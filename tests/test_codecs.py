@@ -15,13 +15,12 @@ import pytest
 import torch
 
 from gear_kernels import GearConfig, bits_per_element, compress, decompress
-from gear_kernels.chunk import lowrank_product
 from gear_kernels.codecs import CODECS, METHODS
-from gear_kernels.lowrank import factor, quantize_factor
+from gear_kernels.corrections.lowrank import factor, product, quantize_factor
 from gear_kernels.packing import packed_length
-from gear_kernels.store import COMPONENTS, KVStore, SinkPart
+from gear_kernels.store import STORED, KVStore, SinkPart
 from test_compression import (
-    assert_outliers_exact, assert_within_half_step, config_of, outlier_mask, randn, relative_error,
+    COMPONENT_OF, assert_outliers_exact, assert_within_half_step, config_of, outlier_mask, randn, relative_error,
 )
 
 FP16_MAX = torch.finfo(torch.float16).max
@@ -48,15 +47,29 @@ def structured(*shape: int, seed: int, dtype: torch.dtype = torch.float32) -> to
     return torch.where(spikes, 12 * x.sign() * (x.abs() + 1), x).to(dtype)
 
 
+LOWRANK = ("lowrank_a", "lowrank_b", "lowrank_a_scale", "lowrank_b_scale")
+
+
 def without_lowrank(chunk):
-    return dataclasses.replace(chunk, lowrank_a=None, lowrank_b=None, lowrank_a_scale=None, lowrank_b_scale=None)
+    return dataclasses.replace(chunk, parts={n: t for n, t in chunk.parts.items() if n not in LOWRANK})
+
+
+def lowrank_of(chunk) -> torch.Tensor:
+    """A B^T of the chunk's stored factors (int8 ones times their column scales), (B, H, T, D) fp32."""
+    parts = chunk.parts
+    a = factor(parts["lowrank_a"], parts.get("lowrank_a_scale"))  # (B, H, T, r)
+    b_scale = parts.get("lowrank_b_scale")  # (B, H, 1, r): one a chunk
+    b = factor(parts["lowrank_b"], None if b_scale is None else b_scale[..., None, :])  # (B, H, 1, D, r)
+    return product(a, b, torch.zeros(chunk.shape[2], dtype=torch.long))
 
 
 def stored_bytes(chunk) -> dict[str, int]:
-    """Bytes of the chunk's tensors, by component, counted here from the tensors themselves."""
-    tensors = chunk.tensors()
-    return {c: sum(tensors[n].numel() * tensors[n].element_size() for n in names if n in tensors)
-            for c, names in chunk.COMPONENTS.items()}
+    """Bytes of the chunk's tensors, by component (test_compression.COMPONENT_OF), counted here
+    from the tensors themselves; only the components present."""
+    out = {}
+    for name, t in chunk.parts.items():
+        out[COMPONENT_OF[name]] = out.get(COMPONENT_OF[name], 0) + t.numel() * t.element_size()
+    return out
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -72,20 +85,19 @@ def test_every_codec_round_trips_within_its_bound(case, kind, dtype):
     if not config.compresses:
         assert torch.equal(out, x)
         return
-    assert chunk.bits == config.codec.bits_for(kind)
+    assert chunk.quantizer.bits == config.codec.bits_for(kind)
     assert_within_half_step(x, without_lowrank(chunk))  # the backbone, outliers aside
     if config.uses_outliers:
         if config.outlier_dtype == "model":
             assert_outliers_exact(x, chunk)
         else:
-            assert chunk.outlier_values.dtype == torch.float16
-            index = chunk.outlier_index.long()
+            assert chunk.parts["outlier_values"].dtype == torch.float16
+            index = chunk.parts["outlier_index"].long()
             kept = out.reshape(2, 3, -1).gather(-1, index).float()
             want = x.reshape(2, 3, -1).gather(-1, index).float()
             assert ((kept - want).abs() <= want.abs() * 2.0**-10).all()  # fp16 (and model dtype) rounding
     if config.uses_lowrank:
-        lowrank = lowrank_product(factor(chunk.lowrank_a, chunk.lowrank_a_scale),
-                                  factor(chunk.lowrank_b, chunk.lowrank_b_scale))
+        lowrank = lowrank_of(chunk)
         backbone = decompress(without_lowrank(chunk)).float()
         info = torch.finfo(dtype)
         slack = info.eps * (out.float().abs() + backbone.abs() + lowrank.abs()) + info.tiny
@@ -102,7 +114,7 @@ def test_stored_bytes_are_the_tensors_bytes(case):
     for kind in ("key", "value"):
         chunk = compress(x, config, kind)
         assert chunk.nbytes(by_component=True) == stored_bytes(chunk)
-        assert chunk.nbytes() == sum(t.numel() * t.element_size() for t in chunk.tensors().values())
+        assert chunk.nbytes() == sum(t.numel() * t.element_size() for t in chunk.parts.values())
     if not config.compresses:
         return
     rows = [(compress(structured(1, 2, n, 24, seed=n), config, "key"),
@@ -110,18 +122,23 @@ def test_stored_bytes_are_the_tensors_bytes(case):
     sinks = SinkPart.from_rows([structured(1, 2, n, 24, seed=n + 2) for n in (3, 1)],
                                [structured(1, 2, n, 24, seed=n + 3) for n in (3, 1)])
     store = KVStore(batch=2, prompt_end=24).with_prompt([r[0] for r in rows], [r[1] for r in rows], sinks)
-    store = store.appended(compress(structured(2, 2, 8, 24, seed=7), config, "key", 2),
-                           compress(structured(2, 2, 8, 24, seed=8), config, "value", 2))
-    counted = dict.fromkeys(COMPONENTS, 0)
+    store = store.appended(*_streamed(config))
+    counted = dict.fromkeys(STORED, 0)
     for part in store.parts():
-        for component, names in COMPONENTS.items():
-            counted[component] += sum(getattr(part, n).numel() * getattr(part, n).element_size()
-                                      for n in names if getattr(part, n) is not None)
+        for name, t in part.data.items():
+            counted[COMPONENT_OF[name]] += t.numel() * t.element_size()
     counted["sinks"] = 2 * 2 * 2 * 3 * 24 * 4  # K and V, 2 rows, 2 heads, 3 slots (one row has 2 empty), fp32
     assert store.nbytes() == counted
-    held = {n for part in store.parts() for n in vars(part) if isinstance(getattr(part, n), torch.Tensor)}
-    per_row = {"lengths", "group_sizes", "outlier_counts"}  # a few integers a row: not counted
-    assert held - per_row <= {n for names in COMPONENTS.values() for n in names}
+    for part in store.parts():
+        per_segment = {"rows", "starts", "tokens", "groups"}  # a few integers a segment: not counted
+        held = {n for n in vars(part) if isinstance(getattr(part, n), torch.Tensor)}
+        assert held <= per_segment, held - per_segment  # every stored tensor is under data, counted above
+        assert {f.name for f in part.fields} == part.data.keys() == part.offsets.keys() == part.counts.keys()
+
+
+def _streamed(config):
+    return (compress(structured(2, 2, 8, 24, seed=7), config, "key", 2),
+            compress(structured(2, 2, 8, 24, seed=8), config, "value", 2))
 
 
 @pytest.mark.parametrize("key_bits, value_bits", [(4, 2), (2, 8), (3, 4)])
@@ -129,7 +146,7 @@ def test_key_and_value_bits_give_their_own_code_bytes(key_bits, value_bits):
     config = GearConfig(method="kivi", key_bits=key_bits, value_bits=value_bits)
     x = randn(1, 2, 30, 40, seed=3)
     keys, values = compress(x, config, "key"), compress(x, config, "value")
-    assert (keys.bits, values.bits) == (key_bits, value_bits)
+    assert (keys.quantizer.bits, values.quantizer.bits) == (key_bits, value_bits)
     assert keys.nbytes(by_component=True)["codes"] == 2 * 30 * packed_length(40, key_bits)
     assert values.nbytes(by_component=True)["codes"] == 2 * 30 * packed_length(40, value_bits)
     same = GearConfig(method="kivi", bits=key_bits)
@@ -148,14 +165,15 @@ def test_int8_factors_and_fp16_outliers_store_fewer_bits_and_still_beat_kivi():
         full = compress(x, GearConfig(**base), kind)
         small = compress(x, GearConfig(**base, lowrank_dtype="int8", outlier_dtype="fp16"), kind)
         parts, small_parts = full.nbytes(by_component=True), small.nbytes(by_component=True)
-        a, b, r = full.lowrank_a, full.lowrank_b, full.lowrank_a.shape[-1]
+        a, b, r = full.parts["lowrank_a"], full.parts["lowrank_b"], full.parts["lowrank_a"].shape[-1]
         assert small_parts["lowrank"] == parts["lowrank"] // 2 + 2 * 2 * (2 * r * 2)  # + fp16 scales
-        n = full.outlier_values.numel()
+        n = full.parts["outlier_values"].numel()
         assert small_parts["outliers"] == parts["outliers"] - 2 * n  # 4 -> 2 bytes a value
         assert bits_per_element(kivi) < bits_per_element(small) < bits_per_element(full)
         assert relative_error(x, small) < 0.5 * relative_error(x, kivi)
         assert relative_error(x, small) < 1.1 * relative_error(x, full)
-        assert a.dtype == torch.float16 and small.lowrank_a.dtype == torch.int8 and b.shape == small.lowrank_b.shape
+        assert a.dtype == torch.float16 and small.parts["lowrank_a"].dtype == torch.int8
+        assert b.shape == small.parts["lowrank_b"].shape
 
 
 def test_int8_factor_quantization_is_symmetric_per_column_within_half_a_step():
@@ -184,8 +202,11 @@ def test_batch_rows_store_the_same_bytes_with_every_option(method):
         together = compress(x, config, kind)
         for row in range(3):
             alone = compress(x[row:row + 1], config, kind)
-            for name, t in alone.tensors().items():
-                assert torch.equal(together.select_rows(torch.tensor([row])).tensors()[name], t), name
+            mine = together.select_rows(torch.tensor([row]))
+            assert mine.parts.keys() == alone.parts.keys()
+            assert (mine.quantizer, mine.token_group) == (alone.quantizer, alone.token_group)
+            for name, t in alone.parts.items():
+                assert torch.equal(mine.parts[name], t), name
 
 
 # ------------------------------------------------------------------ Triton, under TRITON_INTERPRET=1
@@ -219,7 +240,7 @@ def test_triton_attention_equals_torch_with_codec_options(options, dtype, prompt
     for i in range(chunks):
         store = store.appended(compress(kv(len(prompt), 16, 30 + i), config, "key", 2),
                                compress(kv(len(prompt), 16, 40 + i), config, "value", 2))
-    assert store.prompt_keys.bits == config.key_bits and store.prompt_values.bits == config.value_bits
+    assert store.keys.quantizer.bits == config.key_bits and store.values.quantizer.bits == config.value_bits
     k_buf, v_buf = kv(len(prompt), n_buf, 50), kv(len(prompt), n_buf, 51)
     q = structured(len(prompt), 3 * heads, 1, dim, seed=52, dtype=dtype).to(device)  # GQA 3
     ref = decode_attention_torch(q, store, k_buf, v_buf, dim ** -0.5)

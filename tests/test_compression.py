@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 
 from gear_kernels import CompressedChunk, GearConfig, bits_per_element, compress, decompress
 from gear_kernels.codecs import CODECS, METHODS
-from gear_kernels.codecs.kivi import WHOLE_GROUPS
 from gear_kernels.config import SHARED
-from gear_kernels.outliers import index_dtype
+from gear_kernels.corrections.outliers import BUCKET, index_dtype
 from gear_kernels.packing import packed_length
 from gear_kernels.quantize import levels
+from gear_kernels.quantizers import QUANTIZERS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKBONES = ["kivi", "kcvt", "flexgen"]
@@ -29,10 +29,10 @@ FP16_MAX = torch.finfo(torch.float16).max
 
 
 def config_of(method: str, **options) -> GearConfig:
-    """GearConfig of `method` with those of `options` it takes (it refuses the others; backbone kcvt,
-    whose groups are whole, takes no group_size)."""
+    """GearConfig of `method` with those of `options` it takes (it refuses the others; a backbone
+    without sized groups, kcvt whose groups are whole, takes no group_size)."""
     takes = (*CODECS[method].options(), *SHARED)
-    if options.get("backbone") in WHOLE_GROUPS:
+    if "backbone" in options and not QUANTIZERS[options["backbone"]].grouped:
         takes = tuple(k for k in takes if k != "group_size")
     return GearConfig(method=method, **{k: v for k, v in options.items() if k in takes})
 
@@ -57,20 +57,41 @@ def relative_error(x: torch.Tensor, chunk: CompressedChunk) -> float:
     return ((decompress(chunk).double() - x).norm() / x.norm()).item()
 
 
+def expected_groups(config: GearConfig, kind: str, tokens: int, head_dim: int) -> tuple[bool, int]:
+    """(per_channel, group) as DESIGN.md section 2 defines the backbones, independently of the
+    library: whether groups run along tokens (one channel each) and how many entries a group holds."""
+    backbone, size = config.codec.backbone, config.codec.group_size
+    if backbone == "kivi":
+        return kind == "key", size
+    if backbone == "kcvt":
+        return (True, tokens) if kind == "key" else (False, head_dim)
+    return False, size  # flexgen: keys and values per token
+
+
+def group_of(chunk: CompressedChunk) -> int:
+    """Entries a quantization group of `chunk` holds: tokens (per channel) or channels (per token)."""
+    if chunk.quantizer.per_channel:
+        return chunk.token_group
+    return chunk.quantizer.group or chunk.shape[3]  # group 0: the whole vector
+
+
 def per_entry(chunk: CompressedChunk, per_group: torch.Tensor) -> torch.Tensor:
-    """A per-group tensor (scale or zero) spread over its entries: (batch, heads, tokens, head_dim) fp32."""
+    """A per-group tensor (scale or zero) spread over its entries: (batch, heads, tokens, head_dim) fp32.
+
+    Per channel it is (batch, heads, token groups, head_dim), one row a group of tokens; per
+    token (batch, heads, tokens, channel groups)."""
     _, _, tokens, head_dim = chunk.shape
-    along = tokens if chunk.per_channel else head_dim  # groups run along tokens for per-channel
-    spread = per_group.float().repeat_interleave(chunk.group, dim=-1)[..., :along]
-    return spread.transpose(-1, -2) if chunk.per_channel else spread
+    if chunk.quantizer.per_channel:
+        return per_group.float().repeat_interleave(group_of(chunk), dim=-2)[..., :tokens, :]
+    return per_group.float().repeat_interleave(group_of(chunk), dim=-1)[..., :head_dim]
 
 
 def outlier_mask(chunk: CompressedChunk) -> torch.Tensor:
     """True where an entry is stored as an outlier: (batch, heads, tokens, head_dim)."""
     batch, heads = chunk.shape[:2]
     mask = torch.zeros(batch, heads, math.prod(chunk.shape[2:]), dtype=torch.bool)
-    if chunk.outlier_index is not None:
-        mask.scatter_(-1, chunk.outlier_index.long(), True)
+    if "outlier_index" in chunk.parts:
+        mask.scatter_(-1, chunk.parts["outlier_index"].long(), True)
     return mask.reshape(chunk.shape)
 
 
@@ -78,9 +99,9 @@ def assert_within_half_step(x: torch.Tensor, chunk: CompressedChunk) -> None:
     """Every entry that is not an outlier is within half its group's step of its value, plus the
     fp32 arithmetic of (de)quantization and the rounding to the output dtype."""
     out, x32 = decompress(chunk).float(), x.float()
-    step, zero = per_entry(chunk, chunk.scale), per_entry(chunk, chunk.zero)
+    step, zero = per_entry(chunk, chunk.parts["scale"]), per_entry(chunk, chunk.parts["zero"])
     info = torch.finfo(x.dtype)
-    slack = 1e-6 * (x32.abs() + zero.abs() + step * levels(chunk.bits)) + info.eps * (out.abs() + info.tiny)
+    slack = 1e-6 * (x32.abs() + zero.abs() + step * levels(chunk.quantizer.bits)) + info.eps * (out.abs() + info.tiny)
     error = (out - x32).abs()
     beyond = (error > step / 2 + slack) & ~outlier_mask(chunk)
     assert not beyond.any(), f"{int(beyond.sum())} entries beyond half a step, e.g. error {error[beyond][0]} " \
@@ -90,15 +111,17 @@ def assert_within_half_step(x: torch.Tensor, chunk: CompressedChunk) -> None:
 def assert_outliers_exact(x: torch.Tensor, chunk: CompressedChunk) -> None:
     """The entries stored as outliers come back bit for bit, in the input dtype."""
     batch, heads = chunk.shape[:2]
-    index = chunk.outlier_index.long()
+    index = chunk.parts["outlier_index"].long()
     kept = decompress(chunk).reshape(batch, heads, -1).gather(-1, index)
     assert torch.equal(as_bits(kept), as_bits(x.reshape(batch, heads, -1).gather(-1, index)))
-    assert torch.equal(as_bits(chunk.outlier_values), as_bits(kept))
+    assert torch.equal(as_bits(chunk.parts["outlier_values"]), as_bits(kept))
 
 
 def assert_same_bytes(a: CompressedChunk, b: CompressedChunk, skip: tuple[str, ...] = ()) -> None:
-    """Both chunks store the same tensors, with the same dtype, shape and bits."""
-    ta, tb = a.tensors(), b.tensors()
+    """Both chunks store the same tensors, with the same dtype, shape and bits, and read them alike."""
+    assert (a.shape, a.dtype, a.quantizer, a.token_group, a.fields()) == (b.shape, b.dtype, b.quantizer, b.token_group,
+                                                                          b.fields())
+    ta, tb = a.parts, b.parts
     assert ta.keys() == tb.keys()
     for name in set(ta) - set(skip):
         assert ta[name].dtype == tb[name].dtype and ta[name].shape == tb[name].shape, name
@@ -130,7 +153,7 @@ def test_none_is_exact_even_for_special_values(dtype):
 def test_without_lowrank_entries_within_half_step(method, rank, bits, backbone, kind, dtype):
     x = with_outliers(randn(2, 3, 37, 40, dtype=dtype))  # 37 tokens, 40 channels: partial groups of 16
     chunk = compress(x, config_of(method, bits=bits, backbone=backbone, group_size=16), kind, rank)
-    assert chunk.lowrank_a is None
+    assert "lowrank_a" not in chunk.parts and "lowrank_b" not in chunk.parts
     assert_within_half_step(x, chunk)
 
 
@@ -140,7 +163,7 @@ def test_without_lowrank_entries_within_half_step(method, rank, bits, backbone, 
 def test_outliers_come_back_exactly(kind, dtype, rank):
     x = with_outliers(randn(2, 2, 50, 24, dtype=dtype))
     chunk = compress(x, GearConfig(method="gear", outlier_ratio=0.05, group_size=16), kind, rank)
-    assert chunk.outlier_values.dtype == dtype
+    assert chunk.parts["outlier_values"].dtype == dtype
     assert_outliers_exact(x, chunk)
 
 
@@ -150,7 +173,7 @@ def test_outliers_are_signed_tails_not_magnitudes():
     k = math.ceil(0.05 * 600)
     rows = x.reshape(2, 600)
     expected = torch.cat([rows.topk(k, largest=False).values, rows.topk(k).values], dim=-1).sort().values
-    assert torch.equal(chunk.outlier_values.reshape(2, -1).sort().values, expected)
+    assert torch.equal(chunk.parts["outlier_values"].reshape(2, -1).sort().values, expected)
 
 
 @pytest.mark.parametrize("tokens, head_dim, ratio, per_tail", [(64, 64, 0.02, 41), (1, 64, 0.02, 1), (1, 1, 0.02, 0),
@@ -158,16 +181,33 @@ def test_outliers_are_signed_tails_not_magnitudes():
                                                                (10, 10, 0.14, 7)])
 def test_outlier_count_is_ceil_of_half_ratio_per_tail(tokens, head_dim, ratio, per_tail):
     chunk = compress(randn(2, 1, tokens, head_dim), GearConfig(method="gear", outlier_ratio=ratio), "key")
-    assert chunk.outlier_index.shape == (2, 1, 2 * per_tail)
-    for row in chunk.outlier_index.reshape(2, -1).tolist():
+    assert chunk.parts["outlier_index"].shape == (2, 1, 2 * per_tail)
+    for row in chunk.parts["outlier_index"].reshape(2, -1).tolist():
         assert len(set(row)) == 2 * per_tail  # the two tails never share an entry
+
+
+@pytest.mark.parametrize("tokens, head_dim", [(40, 16), (1, 64), (16, 3), (17, 5), (100, 24)])
+def test_outlier_buckets_count_the_outliers_before_each_bucket(tokens, head_dim):
+    """outlier_bucket (B, H, ceil(T / BUCKET) + 1) int32: entry j counts the slice's outliers of
+    tokens before j * BUCKET (the last, all of them); the index is ascending, so a bucket's
+    outliers are the run between two entries."""
+    chunk = compress(with_outliers(randn(2, 3, tokens, head_dim)), GearConfig(method="gear", outlier_ratio=0.1), "key")
+    index, got = chunk.parts["outlier_index"].long(), chunk.parts["outlier_bucket"]
+    assert got.dtype == torch.int32 and got.shape == (2, 3, -(-tokens // BUCKET) + 1)
+    assert bool((index.diff(dim=-1) > 0).all())  # ascending, no repeats
+    bounds = torch.arange(got.shape[-1]) * BUCKET * head_dim
+    want = (index[..., None, :] < bounds[:, None]).sum(-1)  # (B, H, buckets)
+    assert torch.equal(got.long(), want)
+    assert bool((got[..., -1] == index.shape[-1]).all())
+    assert chunk.nbytes(by_component=True)["outliers"] == sum(
+        chunk.parts[n].numel() * chunk.parts[n].element_size() for n in ("outlier_values", "outlier_index", "outlier_bucket"))
 
 
 @pytest.mark.parametrize("tokens, head_dim, dtype", [(4, 64, torch.uint8), (5, 64, torch.uint16),
                                                      (1024, 64, torch.uint16), (1025, 64, torch.int32)])
 def test_outlier_index_is_the_narrowest_type(tokens, head_dim, dtype):
     chunk = compress(randn(1, 1, tokens, head_dim), GearConfig(method="gear"), "key")
-    assert chunk.outlier_index.dtype == dtype
+    assert chunk.parts["outlier_index"].dtype == dtype
 
 
 def test_index_dtype_boundaries():
@@ -186,16 +226,19 @@ def test_negative_rank_is_refused():
 @pytest.mark.parametrize("tokens, head_dim, rank, stored_rank", [(40, 24, 4, 4), (1, 64, 4, 1), (5, 3, 4, 3)])
 def test_lowrank_factors_fp16_and_rank_capped_by_chunk(tokens, head_dim, rank, stored_rank):
     chunk = compress(randn(2, 3, tokens, head_dim), GearConfig(method="gear-l"), "value", rank)
-    assert chunk.lowrank_a.shape == (2, 3, tokens, stored_rank) and chunk.lowrank_a.dtype == torch.float16
-    assert chunk.lowrank_b.shape == (2, 3, head_dim, stored_rank) and chunk.lowrank_b.dtype == torch.float16
+    a, b = chunk.parts["lowrank_a"], chunk.parts["lowrank_b"]
+    assert a.shape == (2, 3, tokens, stored_rank) and a.dtype == torch.float16
+    assert b.shape == (2, 3, 1, head_dim, stored_rank) and b.dtype == torch.float16  # one B a chunk (segment)
+    assert "lowrank_a_scale" not in chunk.parts and "lowrank_b_scale" not in chunk.parts
 
 
 def test_rank_defaults_to_the_prompt_rank_and_zero_stores_none():
     config = GearConfig(method="gear", rank_prompt=3, rank_chunk=2)
     x = randn(1, 1, 20, 16)
-    assert compress(x, config, "key").lowrank_a.shape[-1] == 3
-    assert compress(x, config, "key", config.rank_chunk).lowrank_a.shape[-1] == 2
-    assert compress(x, config, "key", 0).lowrank_a is None
+    assert compress(x, config, "key").parts["lowrank_a"].shape[-1] == 3
+    assert compress(x, config, "key", config.rank_chunk).parts["lowrank_a"].shape[-1] == 2
+    none = compress(x, config, "key", 0)
+    assert not {"lowrank_a", "lowrank_b"} & none.parts.keys() and "lowrank" not in none.nbytes(by_component=True)
 
 
 @pytest.mark.parametrize("method", LOSSY)
@@ -210,8 +253,8 @@ def test_other_seed_changes_only_the_lowrank_factors(method):
     x = with_outliers(randn(2, 3, 70, 48))
     first, second = (compress(x, GearConfig(method=method, seed=seed), "value") for seed in (0, 1))
     assert_same_bytes(first, second, skip=("lowrank_a", "lowrank_b"))
-    assert not torch.equal(first.lowrank_a, second.lowrank_a)
-    assert not torch.equal(first.lowrank_b, second.lowrank_b)
+    assert not torch.equal(first.parts["lowrank_a"], second.parts["lowrank_a"])
+    assert not torch.equal(first.parts["lowrank_b"], second.parts["lowrank_b"])
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -251,20 +294,30 @@ def test_select_rows_reorders_like_the_input():
 # --- bytes -----------------------------------------------------------------------------------
 
 
+COMPONENT_OF = {  # stored tensor -> the component its bytes are reported under
+    "codes": "codes", "scale": "scales", "zero": "scales",
+    "outlier_values": "outliers", "outlier_index": "outliers", "outlier_bucket": "outliers",
+    "lowrank_a": "lowrank", "lowrank_b": "lowrank", "lowrank_a_scale": "lowrank", "lowrank_b_scale": "lowrank",
+    "exact": "exact",
+}
+
+
 @pytest.mark.parametrize("method", ["none", *LOSSY])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nbytes_by_component_sums_the_stored_tensors(method, dtype):
     chunk = compress(randn(2, 3, 33, 20, dtype=dtype), config_of(method, bits=3, group_size=16), "key")
     parts = chunk.nbytes(by_component=True)
-    stored = {name: t.numel() * t.element_size() for name, t in chunk.tensors().items()}
-    assert parts == {
-        "codes": stored.get("codes", 0),
-        "scales": stored.get("scale", 0) + stored.get("zero", 0),
-        "outliers": stored.get("outlier_values", 0) + stored.get("outlier_index", 0),
-        "lowrank": stored.get("lowrank_a", 0) + stored.get("lowrank_b", 0),
-        "exact": stored.get("exact", 0),
-    }
+    stored = {name: t.numel() * t.element_size() for name, t in chunk.parts.items()}
+    assert {f.name for f in chunk.fields()} == stored.keys()  # every stored tensor is in the table
+    assert stored.keys() <= COMPONENT_OF.keys(), stored.keys() - COMPONENT_OF.keys()
+    expected = {}
+    for name, size in stored.items():
+        expected[COMPONENT_OF[name]] = expected.get(COMPONENT_OF[name], 0) + size
+    assert parts == expected  # only the components present
     assert chunk.nbytes() == sum(stored.values()) == sum(parts.values())
+    present = {"none": {"exact"}, "kivi": {"codes", "scales"}, "gear-l": {"codes", "scales", "lowrank"},
+               "gear": {"codes", "scales", "outliers", "lowrank"}}
+    assert parts.keys() == present[method]
     assert bits_per_element(chunk) == 8 * chunk.nbytes() / (2 * 3 * 33 * 20)
 
 
@@ -272,17 +325,21 @@ def test_nbytes_by_component_sums_the_stored_tensors(method, dtype):
     "method, bits, kind, shape, expected",
     [
         # 8192 codes at 4 a byte; 64 channels x 2 token groups x (scale, zero) x 2 bytes;
-        # 2 x 82 outliers x (4-byte value + 2-byte index); (128 + 64) x rank 4 x 2 bytes
-        ("gear", 2, "key", (1, 1, 128, 64), {"codes": 2048, "scales": 512, "outliers": 984, "lowrank": 1536}),
+        # 2 x 82 outliers x (4-byte value + 2-byte index) + 128 / 16 + 1 int32 bucket offsets;
+        # (128 + 64) x rank 4 x 2 bytes
+        ("gear", 2, "key", (1, 1, 128, 64), {"codes": 2048, "scales": 512, "outliers": 984 + 36, "lowrank": 1536}),
         # 3 codes a token: one 3-byte word of 8 each; 10 tokens x 1 channel group x 2 x 2 bytes
-        ("kivi", 3, "value", (1, 1, 10, 3), {"codes": 30, "scales": 40, "outliers": 0, "lowrank": 0}),
+        ("kivi", 3, "value", (1, 1, 10, 3), {"codes": 30, "scales": 40}),
         # 64 codes a token in 8 words of 3 bytes: exactly 3 bits a code
-        ("kivi", 3, "value", (1, 1, 16, 64), {"codes": 384, "scales": 64, "outliers": 0, "lowrank": 0}),
+        ("kivi", 3, "value", (1, 1, 16, 64), {"codes": 384, "scales": 64}),
+        # int8 factors: (128 + 64) x rank 4 x 1 byte + an fp16 scale a column of each factor
+        ("gear-l", 4, "value", (1, 1, 128, 64), {"codes": 4096, "scales": 512, "lowrank": 768 + 16}),
     ],
 )
 def test_nbytes_known_figures(method, bits, kind, shape, expected):
-    chunk = compress(randn(*shape), GearConfig(method=method, bits=bits), kind)
-    assert chunk.nbytes(by_component=True) == {**expected, "exact": 0}
+    options = {"lowrank_dtype": "int8"} if method == "gear-l" else {}
+    chunk = compress(randn(*shape), GearConfig(method=method, bits=bits, **options), kind)
+    assert chunk.nbytes(by_component=True) == expected
 
 
 # --- edge cases ------------------------------------------------------------------------------
@@ -303,7 +360,7 @@ def test_constant_groups_beside_varying_ones(kind):
     x = randn(1, 2, 64, 64)
     x[..., :32, :] = 0.25  # constant token groups (values) and constant channel halves (keys)
     chunk = compress(x, GearConfig(method="kivi", group_size=32), kind)
-    assert (chunk.scale == 0).any() and torch.isfinite(chunk.scale).all()
+    assert (chunk.parts["scale"] == 0).any() and torch.isfinite(chunk.parts["scale"]).all()
     assert_within_half_step(x, chunk)
     assert torch.equal(decompress(chunk)[..., :32, :], x[..., :32, :])
 
@@ -329,7 +386,7 @@ def test_single_token(method, backbone, kind):
     if method == "kivi":
         assert_within_half_step(x, chunk)
     else:  # the rank is capped at 1, which represents one token's residual exactly (up to fp16)
-        assert chunk.lowrank_a.shape[-1] == 1 and relative_error(x, chunk) < 1e-3
+        assert chunk.parts["lowrank_a"].shape[-1] == 1 and relative_error(x, chunk) < 1e-3
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -342,7 +399,7 @@ def test_fp16_near_its_maximum_does_not_overflow(backbone, kind, bits):
     errors = {}
     for method in LOSSY:
         chunk = compress(x, GearConfig(method=method, bits=bits, backbone=backbone), kind)
-        assert all(torch.isfinite(t.float()).all() for t in chunk.tensors().values()), method
+        assert all(torch.isfinite(t.float()).all() for t in chunk.parts.values()), method
         assert torch.isfinite(decompress(chunk)).all(), method
         errors[method] = relative_error(x, chunk)
         if method == "kivi":
@@ -420,17 +477,38 @@ def test_property_stored_layout(x, config, kind):
     out = decompress(chunk)
     assert out.shape == x.shape and out.dtype == x.dtype and torch.isfinite(out).all()
 
-    assert chunk.codes.shape == (batch, heads, tokens, packed_length(head_dim, config.codec.bits_for(kind)))
-    assert chunk.codes.dtype == torch.uint8
-    along, across = (tokens, head_dim) if chunk.per_channel else (head_dim, tokens)
-    assert chunk.scale.shape == (batch, heads, across, math.ceil(along / chunk.group))
+    parts = chunk.parts
+    assert chunk.quantizer.bits == config.codec.bits_for(kind)
+    assert parts["codes"].shape == (batch, heads, tokens, packed_length(head_dim, config.codec.bits_for(kind)))
+    assert parts["codes"].dtype == torch.uint8
+    per_channel, group = expected_groups(config, kind, tokens, head_dim)
+    assert (chunk.quantizer.per_channel, group_of(chunk)) == (per_channel, group)
+    assert chunk.token_group == (group if per_channel else 0)
+    # per channel: one row of head_dim a group of tokens; per token: a token's channel groups
+    scale_shape = (batch, heads, math.ceil(tokens / group), head_dim) if per_channel else \
+        (batch, heads, tokens, math.ceil(head_dim / group))
+    assert parts["scale"].shape == parts["zero"].shape == scale_shape
+    assert parts["scale"].dtype == parts["zero"].dtype == torch.float16
     rank = min(config.rank(prompt=True), tokens, head_dim)
-    assert (chunk.lowrank_a is None) == (rank == 0)
+    assert ("lowrank_a" in parts) == ("lowrank_b" in parts) == (rank > 0)
     if rank:
-        assert chunk.lowrank_a.shape[-1] == chunk.lowrank_b.shape[-1] == rank
-    if config.uses_outliers and config.outlier_dtype == "model":
-        assert_outliers_exact(x, chunk)
-    assert chunk.nbytes() == sum(t.numel() * t.element_size() for t in chunk.tensors().values())
+        assert parts["lowrank_a"].shape == (batch, heads, tokens, rank)
+        assert parts["lowrank_b"].shape == (batch, heads, 1, head_dim, rank)
+        int8 = config.lowrank_dtype == "int8"
+        assert ("lowrank_a_scale" in parts) == ("lowrank_b_scale" in parts) == int8
+        if int8:
+            assert parts["lowrank_a_scale"].shape == parts["lowrank_b_scale"].shape == (batch, heads, 1, rank)
+    if config.uses_outliers:
+        n = 2 * math.ceil(round(config.outlier_ratio / 2 * tokens * head_dim, 9))
+        n = min(n, 2 * (tokens * head_dim // 2))
+        assert parts["outlier_values"].shape == parts["outlier_index"].shape == (batch, heads, n)
+        assert parts["outlier_bucket"].shape == (batch, heads, -(-tokens // BUCKET) + 1)
+        if config.outlier_dtype == "model":
+            assert_outliers_exact(x, chunk)
+    else:
+        assert not any(name.startswith("outlier") for name in parts)
+    assert {f.name for f in chunk.fields()} == parts.keys()
+    assert chunk.nbytes() == sum(t.numel() * t.element_size() for t in parts.values())
 
 
 @PROPERTY

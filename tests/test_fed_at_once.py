@@ -80,6 +80,7 @@ def test_chunks_compressed_together_are_chunks_compressed_alone(method):
     for j in range(5):
         alone = compress(chunks[j], settings, "key", 2)
         mine = together.select_rows(torch.arange(2 * j, 2 * j + 2))
-        assert mine.tensors().keys() == alone.tensors().keys()
-        for name, tensor in alone.tensors().items():
-            assert torch.equal(mine.tensors()[name], tensor), name
+        assert mine.parts.keys() == alone.parts.keys()
+        assert (mine.quantizer, mine.token_group) == (alone.quantizer, alone.token_group)
+        for name, tensor in alone.parts.items():
+            assert torch.equal(mine.parts[name], tensor), name

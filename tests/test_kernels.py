@@ -26,6 +26,7 @@ pytest.importorskip("triton")
 from gear_kernels import GearConfig, compress, decompress, resolve_kernel  # noqa: E402
 from gear_kernels import dispatch  # noqa: E402
 from gear_kernels.codecs import CODECS  # noqa: E402
+from gear_kernels.quantizers import QUANTIZERS  # noqa: E402
 from gear_kernels import triton_attention as ta  # noqa: E402
 from gear_kernels import triton_device as td  # noqa: E402
 from gear_kernels import triton_quantize as tq  # noqa: E402
@@ -59,16 +60,19 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
-def assert_same_chunk(a, b, lowrank_exact: bool = True) -> None:
-    ta_, tb = a.tensors(), b.tensors()
-    assert ta_.keys() == tb.keys()
-    assert (a.shape, a.dtype, a.bits, a.per_channel, a.group) == (b.shape, b.dtype, b.bits, b.per_channel, b.group)
-    for name in ta_:
-        if name.startswith("lowrank") and not lowrank_exact:
-            torch.testing.assert_close(ta_[name], tb[name], rtol=2e-3, atol=2e-3)
-        else:
-            assert ta_[name].dtype == tb[name].dtype, name
-            assert torch.equal(ta_[name], tb[name]), f"{name} differs"
+def assert_same_chunk(a, b) -> None:
+    """Two chunks store the same tensors, bitwise, and read them alike."""
+    assert a.parts.keys() == b.parts.keys()
+    assert (a.shape, a.dtype, a.quantizer, a.token_group, a.fields()) == \
+        (b.shape, b.dtype, b.quantizer, b.token_group, b.fields())
+    for name in a.parts:
+        assert a.parts[name].dtype == b.parts[name].dtype and a.parts[name].shape == b.parts[name].shape, name
+        assert torch.equal(a.parts[name], b.parts[name]), f"{name} differs"
+
+
+def compress_triton(x, config, kind, rank=None):
+    """compress with the quantizer's Triton encode (triton_quantize.quantize_pack)."""
+    return compress(x, config, kind, rank, kernel="triton")
 
 
 # ---------------------------------------------------------------- quantize + pack
@@ -95,18 +99,69 @@ def test_quantize_pack_matches_reference_bitwise(backbone, bits, batch, tokens, 
     config = GearConfig(method="gear", bits=bits, backbone=backbone, group_size=group, rank_prompt=0)
     for kind, seed in (("key", 1), ("value", 2)):
         x = kv(batch, 2, tokens, dim, dtype, seed + bits, kind)
-        assert_same_chunk(tq.compress_triton(x, config, kind), compress(x, config, kind))
+        assert_same_chunk(compress_triton(x, config, kind), compress(x, config, kind))
+
+
+QUANTIZE_PACK_CASES = [  # bits, rows, tokens, head_dim, dtype, group, per_channel
+    (2, 3, 37, 64, torch.float16, 16, True),  # per channel: a partial last token group
+    (3, 2, 21, 40, torch.bfloat16, 21, True),  # one group of all the tokens (kcvt keys); 3-bit words
+    (4, 1, 9, 24, torch.float32, 8, False),  # per token: groups of channels
+    (8, 2, 5, 40, torch.float16, 16, False),  # a partial last channel group
+    (3, 1, 6, 19, torch.float32, 19, False),  # one group of the whole vector; a partial 3-byte word
+]
+
+
+@pytest.mark.parametrize("bits,rows,tokens,dim,dtype,group,per_channel", QUANTIZE_PACK_CASES)
+def test_quantize_pack_with_exclude_matches_the_torch_encode(bits, rows, tokens, dim, dtype, group, per_channel):
+    """quantize_pack(x, exclude (rows, T, D) bool, ...) -> codes (rows, T, W), scale and zero
+    (rows, D, NG) per channel else (rows, T, NG): bitwise Uniform.encode(kernel='torch'), whose
+    per-channel scales lie (rows, NG, D). Excluded entries, made huge here, stretch no range."""
+    from gear_kernels.packing import packed_length
+    from gear_kernels.quantizers.uniform import Uniform
+
+    x = kv(rows, 1, tokens, dim, torch.float32, bits, "value").reshape(rows, tokens, dim)
+    exclude = torch.rand(rows, tokens, dim, generator=torch.Generator().manual_seed(bits)) < 0.1
+    exclude = exclude.to(DEVICE)
+    x = torch.where(exclude, 1e3, x).to(dtype).contiguous()
+    quantizer = Uniform(bits=bits, per_channel=per_channel, group=group)
+    want = quantizer.encode(x, exclude, kernel="torch")
+    codes, scale, zero = tq.quantize_pack(x, exclude, bits, group, per_channel)
+    n_groups = -(-(tokens if per_channel else dim) // group)
+    across = dim if per_channel else tokens
+    assert codes.shape == (rows, tokens, packed_length(dim, bits)) and codes.dtype == torch.uint8
+    assert scale.shape == zero.shape == (rows, across, n_groups) and scale.dtype == zero.dtype == torch.float16
+    if per_channel:
+        scale, zero = scale.transpose(-1, -2), zero.transpose(-1, -2)
+    assert torch.equal(codes, want["codes"])
+    assert torch.equal(scale, want["scale"]) and torch.equal(zero, want["zero"])
+    assert float(want["scale"].float().max()) < 1e3 / 2  # the excluded entries were left out of every range
+    # and Uniform.encode with kernel="triton" is the same again, in the chunk's layout
+    got = quantizer.encode(x, exclude, kernel="triton")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_quantize_pack_refuses_an_exclude_of_another_layout():
+    x = kv(2, 1, 5, 16, torch.float32, 1, "key").reshape(2, 5, 16).contiguous()
+    flat = torch.zeros(2, 5 * 16, dtype=torch.bool, device=DEVICE)  # the former (rows, T * D) layout
+    with pytest.raises(AssertionError, match=r"exclude must be \(rows, T, D\) bool"):
+        tq.quantize_pack(x, flat, 2, 4, True)
+    with pytest.raises(AssertionError, match=r"exclude must be \(rows, T, D\) bool"):
+        tq.quantize_pack(x, torch.zeros(2, 5, 16, dtype=torch.uint8, device=DEVICE), 2, 4, True)
 
 
 @pytest.mark.parametrize("method,backbone,bits,kind,dtype,dim", [
     ("gear", "kivi", 2, "key", torch.float16, 128),
     ("gear-l", "flexgen", 3, "value", torch.bfloat16, 64),
+    ("gear", "kcvt", 4, "value", torch.float32, 40),
 ])
 def test_compress_with_lowrank_matches_reference(method, backbone, bits, kind, dtype, dim):
-    """The pack kernel's residual feeds the same power iteration: the same factors."""
+    """The same codes feed the same residual (the quantizer's torch decode) and the same power
+    iteration: the same factors, bitwise, on every device."""
     config = GearConfig(method=method, bits=bits, backbone=backbone, rank_prompt=3)
     x = kv(2, 2, 83, dim, dtype, 5, kind)
-    assert_same_chunk(tq.compress_triton(x, config, kind), compress(x, config, kind), lowrank_exact=DEVICE == "cpu")
+    assert_same_chunk(compress_triton(x, config, kind), compress(x, config, kind))
+    int8 = GearConfig(method=method, bits=bits, backbone=backbone, rank_prompt=3, lowrank_dtype="int8")
+    assert_same_chunk(compress_triton(x, int8, kind), compress(x, int8, kind))
 
 
 def test_quantize_edge_cases_match_reference():
@@ -114,16 +169,38 @@ def test_quantize_edge_cases_match_reference():
     config = GearConfig(method="gear", bits=2, group_size=4, outlier_ratio=0.5, rank_prompt=0)
     const = torch.full((1, 1, 9, 16), -3.25, dtype=torch.float16, device=DEVICE)
     for kind in ("key", "value"):
-        assert_same_chunk(tq.compress_triton(const, config, kind), compress(const, config, kind))
+        assert_same_chunk(compress_triton(const, config, kind), compress(const, config, kind))
         x = kv(1, 1, 5, 16, torch.float16, 3, kind)
-        assert_same_chunk(tq.compress_triton(x, config, kind), compress(x, config, kind))
+        assert_same_chunk(compress_triton(x, config, kind), compress(x, config, kind))
         one = kv(1, 2, 1, 16, torch.bfloat16, 4, kind)
-        assert_same_chunk(tq.compress_triton(one, config, kind), compress(one, config, kind))
+        assert_same_chunk(compress_triton(one, config, kind), compress(one, config, kind))
     # the largest fp16 values quantize (scale rounded up to exactly 65504 / 3 is fine)
     near = torch.tensor([-65504.0, 65504.0, 0.0, 1.0] * 4, dtype=torch.float16, device=DEVICE).reshape(1, 1, 4, 4)
     plain = GearConfig(method="kivi", bits=2, group_size=4)
     for kind in ("key", "value"):
-        assert_same_chunk(tq.compress_triton(near, plain, kind), compress(near, plain, kind))
+        assert_same_chunk(compress_triton(near, plain, kind), compress(near, plain, kind))
+
+
+def test_dispatch_compress_picks_the_triton_encode():
+    """dispatch.compress with kernel 'triton' (or config.kernel) encodes by quantize_pack, 'torch' never."""
+    calls = []
+    real = tq.quantize_pack
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    x = kv(1, 2, 9, 16, torch.float16, 6, "key")
+    config = GearConfig(method="gear", bits=2, group_size=4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tq, "quantize_pack", counted)
+        assert_same_chunk(dispatch.compress(x, config, "key", kernel="triton"), compress(x, config, "key"))
+        assert len(calls) == 1
+        assert_same_chunk(dispatch.compress(x, GearConfig(method="gear", bits=2, group_size=4, kernel="triton"), "key"),
+                          compress(x, config, "key"))
+        assert len(calls) == 2
+        dispatch.compress(x, config, "key", kernel="torch")
+        assert len(calls) == 2
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
@@ -133,19 +210,20 @@ def test_quantize_refuses_what_the_reference_refuses():
     with pytest.raises(ValueError, match="fp16 range"):
         compress(big, GearConfig(method="kivi"), "value")
     with pytest.raises(ValueError, match="fp16 range"):
-        tq.compress_triton(big, GearConfig(method="kivi"), "value")
+        compress_triton(big, GearConfig(method="kivi"), "value")
     bad = kv(1, 1, 4, 16, torch.float16, 0, "key")
     bad[0, 0, 1, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN/Inf"):
-        tq.compress_triton(bad, GearConfig(), "key")
+        compress_triton(bad, GearConfig(), "key")
 
 
 # ---------------------------------------------------------------- decode attention
 
-def make_store(config, batch, heads, dim, dtype, prompt, chunks, seed, compressor=compress):
+def make_store(config, batch, heads, dim, dtype, prompt, chunks, seed, compressor=compress, end=None):
     """A KVStore: prompt[b] tokens of row b (0: none; None: no prompt part) compressed row by
-    row at the prompt rank, then `chunks` streamed chunks of buffer_size tokens at the chunk rank."""
-    store = KVStore(batch=batch, prompt_end=max(prompt) if prompt else 0)
+    row at the prompt rank, ending at position `end` (default: the longest row's end), then
+    `chunks` streamed chunks of buffer_size tokens at the chunk rank."""
+    store = KVStore(batch=batch, prompt_end=end or (max(prompt) if prompt else 0))
     if prompt:
         rows_k = [compressor(kv(1, heads, n, dim, dtype, seed + 10 * b, "key"), config, "key") if n else None
                   for b, n in enumerate(prompt)]
@@ -194,6 +272,29 @@ def test_decode_attention_matches_reference(method, backbone, bits, group, buffe
     assert rel_err(out, ref) < TOL[dtype]
 
 
+def compositions():
+    """Every quantizer (QUANTIZERS) under every method that compresses (CODECS), at a width both take."""
+    cases = []
+    for method, params in CODECS.items():
+        if not params().compresses:
+            continue
+        for backbone, quantizer in QUANTIZERS.items():
+            cases.append(pytest.param(method, backbone, min(quantizer.allowed_bits), id=f"{method}-{backbone}"))
+    return cases
+
+
+@pytest.mark.parametrize("method,backbone,bits", compositions())
+def test_every_composition_attends_as_the_reference(method, backbone, bits):
+    """Triton = torch for each quantizer x corrections, with prompt rows, chunks and the buffer."""
+    config = GearConfig(method=method, backbone=backbone, bits=bits, buffer_size=16)
+    store = make_store(config, 2, 2, 64, torch.float32, (37, 20), 2, 11)
+    k_buf, v_buf = kv(2, 2, 3, 64, torch.float32, 1, "key"), kv(2, 2, 3, 64, torch.float32, 2, "value")
+    q = kv(2, 4, 1, 64, torch.float32, 3, "value")
+    ref = decode_attention_torch(q, store, k_buf, v_buf, 0.125)
+    out = ta.decode_attention_triton(q, store, k_buf, v_buf, 0.125, block_n=16, split_tokens=16)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
 SINK_CASES = [  # dtype, prompt rows, sinks of each row, n_buf, q_len, block_n
     (torch.float16, (37, 0, 20), (4, 3, 4), 5, 1, None),  # the second row: sinks only
     (torch.bfloat16, (50, 9), (0, 6), 3, 3, 16),  # a row without sinks; causal queries
@@ -207,10 +308,10 @@ def test_decode_attention_with_sinks_matches_reference(dtype, prompt, sinks, n_b
     """Triton reads the sinks ahead of the buffer, each row from its first filled slot."""
     config = GearConfig(method="gear", bits=2, group_size=16, buffer_size=16)
     batch, heads, dim = len(prompt), 2, 64
-    store = make_store(config, batch, heads, dim, dtype, prompt, 1, 5)
+    store = make_store(config, batch, heads, dim, dtype, prompt, 1, 5, end=max(p + n for p, n in zip(prompt, sinks)))
     kept = SinkPart.from_rows([kv(1, heads, n, dim, dtype, 40 + b, "key") for b, n in enumerate(sinks)],
                               [kv(1, heads, n, dim, dtype, 50 + b, "value") for b, n in enumerate(sinks)])
-    store = dataclasses.replace(store, sinks=kept, prompt_end=max(p + n for p, n in zip(prompt, sinks)))
+    store = dataclasses.replace(store, sinks=kept, prompt_start=0)  # rows of sinks only are a prompt too
     k_buf = kv(batch, heads, n_buf, dim, dtype, 1, "key") if n_buf else None
     v_buf = kv(batch, heads, n_buf, dim, dtype, 2, "value") if n_buf else None
     q = kv(batch, heads * 3, q_len, dim, dtype, 3, "value")
@@ -218,7 +319,7 @@ def test_decode_attention_with_sinks_matches_reference(dtype, prompt, sinks, n_b
     out = torch.full_like(q, float("nan"))
     ta.decode_attention_triton(q, store, k_buf, v_buf, 0.125, block_n=block_n, split_tokens=block_n, out=out)
     assert rel_err(out, ref) < TOL[dtype]
-    plain = dataclasses.replace(store, sinks=None, prompt_end=max(prompt))
+    plain = dataclasses.replace(store, sinks=dataclasses.replace(kept, counts=torch.zeros_like(kept.counts)))
     without = decode_attention_torch(q, plain, k_buf, v_buf, 0.125)
     assert rel_err(without, ref) > 5 * TOL[dtype]  # the sinks were attended to
 
@@ -227,7 +328,8 @@ def test_dispatch_triton_matches_torch_on_a_triton_compressed_store():
     """decode_attention(kernel=...) over chunks made by compress_triton; rows reordered (beams)."""
     config = GearConfig(method="gear", bits=2, group_size=32, buffer_size=32, kernel="triton")
     store = make_store(config, 2, 2, 64, torch.float16, (40, 21), 2, 9, compressor=dispatch.compress)
-    assert store.prompt_keys.outlier_values is not None and store.stream_keys.outlier_values is not None
+    prompt = store.keys.starts < store.prompt_end
+    assert "outlier_values" in store.keys.data and prompt.any() and (~prompt).any()
     k_buf = kv(2, 2, 6, 64, torch.float16, 1, "key")
     v_buf = kv(2, 2, 6, 64, torch.float16, 2, "value")
     q = kv(2, 6, 1, 64, torch.float16, 3, "value")
@@ -242,9 +344,9 @@ def test_dispatch_triton_matches_torch_on_a_triton_compressed_store():
 def test_unsorted_outliers_are_refused():
     config = GearConfig(method="gear", bits=2, group_size=32, buffer_size=32)
     store = make_store(config, 1, 2, 64, torch.float16, None, 1, 6)
-    part = store.stream_keys
-    store = dataclasses.replace(store, stream_keys=dataclasses.replace(
-        part, outlier_index=part.outlier_index.long().flip(-1).contiguous()))
+    part = store.keys
+    flipped = {**part.data, "outlier_index": part.data["outlier_index"].long().flip(-1).contiguous()}
+    store = dataclasses.replace(store, keys=dataclasses.replace(part, data=flipped))
     buf = kv(1, 2, 2, 64, torch.float16, 1, "key")
     with pytest.raises(AssertionError, match="sorted ascending"):
         ta.decode_attention_triton(kv(1, 4, 1, 64, torch.float16, 2, "value"), store, buf, buf, 0.125)
@@ -326,8 +428,8 @@ def test_every_kernel_launches_under_the_guard_for_its_tensors_device(monkeypatc
     for module, name in kernels:
         monkeypatch.setattr(module, name, checked(name, getattr(module, name)))
 
-    config = GearConfig(method="gear", bits=2, group_size=16, buffer_size=16)
-    store = make_store(config, 2, 2, 32, torch.float16, (20, 9), 1, 3, compressor=tq.compress_triton)
+    config = GearConfig(method="gear", bits=2, group_size=16, buffer_size=16, kernel="triton")
+    store = make_store(config, 2, 2, 32, torch.float16, (20, 9), 1, 3, compressor=dispatch.compress)
     buf = kv(2, 2, 3, 32, torch.float16, 1, "key")
     ta.decode_attention_triton(kv(2, 4, 1, 32, torch.float16, 2, "value"), store, buf, buf, 0.2)
     assert set(launches) == {name for _, name in kernels}

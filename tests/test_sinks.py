@@ -67,7 +67,11 @@ def test_a_prompt_no_longer_than_its_sinks_is_kept_whole():
     model, _ = tiny_model("llama")
     gear, exact, _ = _prefilled(model, dict(method="gear", sink_tokens=SINKS), rows=(4, 6))
     for layer, reference in zip(gear.layers, exact.layers):
-        assert layer.store.prompt_keys is None and layer.store.has_prompt
+        store = layer.store
+        assert store.has_prompt and store.prompt_lengths().tolist() == [4, 6]  # all of it in the sinks
+        for part in store.parts():  # no compressed prompt segment
+            assert not bool((part.starts < store.prompt_end).any())
+        assert store.sinks.counts.tolist() == [4, 6]
         keys, values = layer.decoded
         assert torch.equal(keys[0, :, 2:], reference.keys[0, :, 2:]) and torch.equal(keys[1], reference.keys[1])
         assert torch.equal(values[1], reference.values[1])

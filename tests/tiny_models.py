@@ -68,16 +68,17 @@ def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def assert_same_parts(a, b) -> None:
-    """Two store parts (gear_kernels.store) hold the same values, field by field (outlier
-    indices may be kept in a wider type when the other part has a longer row)."""
-    import dataclasses
-
+def assert_same_parts(a, b, positions: bool = True) -> None:
+    """Two store sides (gear_kernels.store.Packed) hold the same segments and values, field by
+    field (outlier indices may be kept in a wider type when the other side has a longer segment).
+    positions=False: the segments' first positions may differ (the same tokens behind other padding)."""
     assert type(a) is type(b)
-    for field in dataclasses.fields(a):
-        x, y = getattr(a, field.name), getattr(b, field.name)
-        if isinstance(x, torch.Tensor):
-            same = torch.equal(x.long(), y.long()) if field.name == "outlier_index" else torch.equal(x, y)
-            assert same and (x.dtype == y.dtype or field.name == "outlier_index"), field.name
-        else:
-            assert x == y, field.name
+    assert (a.dtype, a.head_dim, a.quantizer, a.fields) == (b.dtype, b.head_dim, b.quantizer, b.fields)
+    for name in ("rows", "tokens", "groups", *(("starts",) if positions else ())):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.data.keys() == b.data.keys() == a.counts.keys() == b.counts.keys()
+    for name in a.data:
+        assert torch.equal(a.counts[name], b.counts[name]) and torch.equal(a.offsets[name], b.offsets[name]), name
+        x, y = a.data[name], b.data[name]
+        same = torch.equal(x.long(), y.long()) if name == "outlier_index" else torch.equal(x, y)
+        assert same and (x.dtype == y.dtype or name == "outlier_index"), name

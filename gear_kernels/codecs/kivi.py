@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..quantizers import QUANTIZERS
 from .base import BITS, CodecParams, GearConfigError, register
 
-BACKBONES = ("kivi", "kcvt", "flexgen")
-# kcvt groups keys over the whole chunk and values over the whole vector (chunk.grouping):
-# its groups have no size to set
-WHOLE_GROUPS = ("kcvt",)
-GROUP_SIZE = 64  # of the other backbones, unless set
+BACKBONES = tuple(QUANTIZERS)  # the quantizer, by name (gear_kernels/quantizers)
+GROUP_SIZE = 64  # of the backbones that take a group size, unless set
 ROTATIONS = ("none", "hadamard")
 
 
@@ -19,11 +17,13 @@ ROTATIONS = ("none", "hadamard")
 class KiviParams(CodecParams):
     """bits: code width of keys and values, unless key_bits / value_bits say otherwise
     (None: bits; after construction they hold the width used).
-    backbone: how quantization groups are formed (kivi, kcvt, flexgen; chunk.grouping).
+    backbone: the quantizer (gear_kernels/quantizers: kivi, kcvt, flexgen group layouts of
+    uniform codes; turboquant, a codebook and one norm a vector).
     group_size: tokens (per-channel groups) or channels (per-token groups) a group (None:
-    64; after construction the size used, and None for kcvt, whose groups are whole).
+    64; after construction the size used, and None for backbones without sized groups).
     rotation: hadamard rotates every K and V vector by a seeded randomized Walsh-Hadamard
     matrix before it is compressed (gear_kernels.rotation; attention is unchanged); none.
+    None: the backbone's own choice (hadamard for turboquant, none for the others).
     sink_tokens: each row's first prompt tokens kept exact, outside the codes (attention sinks:
     most heads attend to the first tokens heavily, so their error weighs on every query).
     """
@@ -33,7 +33,7 @@ class KiviParams(CodecParams):
     group_size: int | None = None
     key_bits: int | None = None
     value_bits: int | None = None
-    rotation: str = "none"
+    rotation: str | None = None
     sink_tokens: int = 0
 
     def __post_init__(self) -> None:
@@ -44,14 +44,19 @@ class KiviParams(CodecParams):
                 object.__setattr__(self, field, self.bits)  # frozen: set once, here
             self.check_choice(field, BITS)
         self.check_choice("backbone", BACKBONES)
+        quantizer = QUANTIZERS[self.backbone]
+        for field in ("key_bits", "value_bits"):
+            self.check_choice(field, quantizer.allowed_bits)
+        if self.rotation is None:
+            object.__setattr__(self, "rotation", quantizer.rotation)  # frozen: set once, here
         self.check_choice("rotation", ROTATIONS)
-        if self.backbone in WHOLE_GROUPS:
+        if not quantizer.grouped:
             if self.group_size is not None:
-                sized = " or ".join(b for b in BACKBONES if b not in WHOLE_GROUPS)
+                sized = " or ".join(b for b in BACKBONES if QUANTIZERS[b].grouped)
                 raise GearConfigError(
                     f"GearConfig.group_size={self.group_size!r} is invalid (method {self.name!r}): backbone "
-                    f"{self.backbone!r} groups keys over the whole chunk and values over the whole vector, so it "
-                    f"takes no group_size; drop it, or use backbone {sized}"
+                    f"{self.backbone!r} has no groups to size, so it takes no group_size; drop it, or use "
+                    f"backbone {sized}"
                 )
         else:
             if self.group_size is None:
