@@ -281,7 +281,7 @@ class Cache:
 
     def compressed(self, method: str):
         if method not in self.chunks:
-            config = GearConfig(method=method, bits=self.config.bits, backbone=self.config.backbone)
+            config = GearConfig(method=method, bits=self.config.codec.bits, backbone=self.config.codec.backbone)
             self.chunks[method] = (tq.compress_triton(self.k, config, "key"), tq.compress_triton(self.v, config, "value"))
         return self.chunks[method]
 
@@ -324,7 +324,7 @@ def time_rows(tokens_list, batches, methods, heads, ratio, dim, dtype, n_buf):
                     yield tokens, batch, "decode attention gear 2-bit, torch path", torch_s, moved, sdpa_s
                 del store
             x = cache.k[:batch].reshape(batch * heads, tokens, dim)
-            index = select_outliers(x.reshape(batch * heads, -1).float(), config.outlier_ratio)
+            index = select_outliers(x.reshape(batch * heads, -1).float(), config.codec.outlier_ratio)
             exclude = torch.zeros((batch * heads, tokens * dim), dtype=torch.uint8, device=DEVICE)
             exclude.scatter_(-1, index, 1)
             codes, scale_t, zero, residual = tq.quantize_pack(x, exclude, 2, 64, True, True)

@@ -203,7 +203,7 @@ class GearLayer(CacheLayerMixin):
         one chunk, so padding enters no statistic; the rows' chunks then go to the store."""
         end = keys.shape[-2]
         store = KVStore(batch=keys.shape[0], prompt_start=self._first_visible(end), prompt_end=end)
-        rank, n_sinks = self.config.rank(prompt=True), self.config.sink_tokens
+        rank, n_sinks = self.config.rank(prompt=True), self.config.codec.sink_tokens
         rows_k, rows_v, sinks_k, sinks_v = [], [], [], []
         for row, pad in enumerate(self.pad_len.tolist()):
             start = max(pad, store.prompt_start)

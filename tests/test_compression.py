@@ -194,7 +194,7 @@ def test_rank_defaults_to_the_prompt_rank_and_zero_stores_none():
     config = GearConfig(method="gear", rank_prompt=3, rank_chunk=2)
     x = randn(1, 1, 20, 16)
     assert compress(x, config, "key").lowrank_a.shape[-1] == 3
-    assert compress(x, config, "key", config.rank_chunk).lowrank_a.shape[-1] == 2
+    assert compress(x, config, "key", config.codec.rank_chunk).lowrank_a.shape[-1] == 2
     assert compress(x, config, "key", 0).lowrank_a is None
 
 
@@ -428,7 +428,7 @@ def test_property_stored_layout(x, config, kind):
     assert (chunk.lowrank_a is None) == (rank == 0)
     if rank:
         assert chunk.lowrank_a.shape[-1] == chunk.lowrank_b.shape[-1] == rank
-    if config.uses_outliers and config.outlier_dtype == "model":
+    if config.uses_outliers and config.codec.outlier_dtype == "model":
         assert_outliers_exact(x, chunk)
     assert chunk.nbytes() == sum(t.numel() * t.element_size() for t in chunk.tensors().values())
 
@@ -438,7 +438,7 @@ def test_property_stored_layout(x, config, kind):
 def test_property_without_lowrank_within_half_step(x, config, kind):
     chunk = compress(x, config, kind, rank=0)
     assert_within_half_step(x, chunk)
-    if config.uses_outliers and config.outlier_dtype == "model":
+    if config.uses_outliers and config.codec.outlier_dtype == "model":
         assert_outliers_exact(x, chunk)
 
 

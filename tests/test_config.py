@@ -12,14 +12,15 @@ import pytest
 from gear_kernels import GearConfig, GearConfigError
 from gear_kernels.codecs import CODECS, METHODS
 from gear_kernels.codecs.kivi import BACKBONES
-from gear_kernels.config import SHARED
+from gear_kernels.config import SHARED, option_types
 
 
 def test_defaults_are_the_papers():
     config = GearConfig()
-    assert (config.method, config.bits, config.backbone, config.group_size) == ("gear", 2, "kivi", 64)
-    assert (config.outlier_ratio, config.rank_prompt, config.rank_chunk) == (0.02, 4, 2)
-    assert (config.power_iters, config.buffer_size) == (3, 64)
+    codec = config.codec
+    assert (config.method, codec.bits, codec.backbone, codec.group_size) == ("gear", 2, "kivi", 64)
+    assert (codec.outlier_ratio, codec.rank_prompt, codec.rank_chunk) == (0.02, 4, 2)
+    assert (codec.power_iters, config.buffer_size) == (3, 64)
 
 
 COMPONENTS = {  # method: (outliers, low rank, compresses)
@@ -48,7 +49,7 @@ def test_gear_without_outlier_ratio_keeps_no_outliers():
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("backbone", ["kivi", "kcvt", "flexgen"])
 def test_every_allowed_bits_and_backbone(bits, backbone):
-    assert GearConfig(bits=bits, backbone=backbone).bits == bits
+    assert GearConfig(bits=bits, backbone=backbone).codec.bits == bits
 
 
 SHARED_BAD = [  # options of every method: the message names no method
@@ -149,17 +150,25 @@ def test_defaults_are_not_given_options(method):
 
 
 def test_key_and_value_bits_default_to_bits():
-    assert (GearConfig(bits=4).key_bits, GearConfig(bits=4).value_bits) == (4, 4)
+    assert (GearConfig(bits=4).codec.key_bits, GearConfig(bits=4).codec.value_bits) == (4, 4)
     config = GearConfig(bits=4, value_bits=2)
     assert (config.codec.bits_for("key"), config.codec.bits_for("value")) == (4, 2)
     assert GearConfig(bits=3) == GearConfig(bits=3, key_bits=3)
 
 
-def test_codec_options_read_through_and_others_do_not():
-    assert GearConfig(method="gear-l", rank_chunk=1).rank_chunk == 1
-    assert GearConfig(method="kivi").rank(prompt=True) == 0
-    with pytest.raises(AttributeError, match="method 'kivi'.* no option 'rank_prompt'"):
-        GearConfig(method="kivi").rank_prompt  # noqa: B018
+@pytest.mark.parametrize("method", METHODS)
+def test_codec_options_are_read_from_the_codec_only(method):
+    """config.codec holds the method's options; GearConfig itself has none of them, so no
+    attribute exists for some methods only."""
+    config = GearConfig(method=method)
+    assert all(hasattr(config.codec, option) for option in CODECS[method].options())
+    assert [option for option in option_types() if hasattr(config, option)] == []
+    if not config.uses_lowrank:
+        assert config.rank(prompt=True) == config.rank(prompt=False) == 0
+
+
+def test_options_given_reach_the_codec():
+    assert GearConfig(method="gear-l", rank_chunk=1).codec.rank_chunk == 1
 
 
 def test_the_default_dict_keeps_its_old_keys_and_values():
@@ -182,7 +191,9 @@ def test_config_error_is_a_value_error():
 
 def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
-        GearConfig().bits = 4
+        GearConfig().buffer_size = 4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        GearConfig().codec.bits = 4
 
 
 def test_from_options_parses_command_line_strings():
@@ -219,9 +230,9 @@ def test_kcvt_takes_no_group_size(method):
     assert str(raised.value) == message
     with pytest.raises(GearConfigError, match=re.escape(message)):
         GearConfig.from_options({"method": method, "backbone": "kcvt", "group_size": "32"})
-    assert GearConfig(method=method, backbone="kcvt").group_size is None
+    assert GearConfig(method=method, backbone="kcvt").codec.group_size is None
     assert GearConfig(method=method, backbone="kcvt") != GearConfig(method=method)  # kivi's group is 64
-    assert GearConfig(method=method, backbone="flexgen").group_size == 64
+    assert GearConfig(method=method, backbone="flexgen").codec.group_size == 64
 
 
 def test_from_options_unknown_key_lists_valid_ones():

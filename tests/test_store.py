@@ -69,7 +69,7 @@ def _expected(rows, chunks, side: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{c.bits}-{c.backbone}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{c.codec.bits}-{c.codec.backbone}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dense_is_decompress_bit_for_bit(config, dtype):
     store, rows, chunks = _store(config, dtype=dtype)
@@ -77,7 +77,7 @@ def test_dense_is_decompress_bit_for_bit(config, dtype):
     assert torch.equal(keys, _expected(rows, chunks, 0)) and torch.equal(values, _expected(rows, chunks, 1))
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{c.bits}-{c.backbone}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{c.codec.bits}-{c.codec.backbone}")
 def test_the_store_keeps_what_compress_stored(config):
     store, rows, chunks = _store(config)
     stored = sum(t.numel() * t.element_size() for c in [*rows[0], *rows[1]] if c is not None for t in c.tensors().values())
