@@ -54,7 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from gear_kernels import GearConfig, compress  # noqa: E402
+from gear_kernels import GearConfig  # noqa: E402
+from gear_kernels.chunk import compress  # noqa: E402  (the torch reference, whatever config.kernel says)
 from gear_kernels import triton_attention as ta  # noqa: E402
 from gear_kernels import triton_device as td  # noqa: E402
 from gear_kernels import triton_quantize as tq  # noqa: E402
@@ -281,7 +282,8 @@ class Cache:
 
     def compressed(self, method: str):
         if method not in self.chunks:
-            config = GearConfig(method=method, bits=self.config.codec.bits, backbone=self.config.codec.backbone)
+            codec = self.config.codec
+            config = GearConfig(method=method, bits=codec.bits, backbone=codec.backbone)
             self.chunks[method] = (tq.compress_triton(self.k, config, "key"), tq.compress_triton(self.v, config, "value"))
         return self.chunks[method]
 

@@ -20,6 +20,7 @@ from .chunk import CompressedChunk
 from .chunk import compress as compress_torch
 from .config import KERNELS, GearConfig
 from .store import KVStore
+from .triton_device import check_device
 
 
 def triton_available() -> bool:
@@ -66,13 +67,16 @@ def decode_attention(
 
 def compress(x: torch.Tensor, config: GearConfig, kind: str, rank: int | None = None,
              kernel: str | None = None) -> CompressedChunk:
-    """chunk.compress, its quantization and packing by Triton when the kernel resolves to triton.
+    """gear_kernels.compress (DESIGN.md section 4): chunk.compress, the torch reference, or, when
+    the kernel resolves to triton, the same with its quantization and packing by Triton.
 
     Same stored tensors either way (codes, scales and zero points bitwise; see triton_quantize).
+    kernel="triton" on tensors Triton cannot run on raises here, before any work is done.
     """
     path = resolve_kernel(config.kernel if kernel is None else kernel, x.device)
     if path == "torch":
         return compress_torch(x, config, kind, rank)
+    check_device(x.device)
     from .triton_quantize import compress_triton
 
     return compress_triton(x, config, kind, rank)

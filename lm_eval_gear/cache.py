@@ -30,8 +30,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from gear_kernels import GearConfig, decompress, resolve_kernel
-from gear_kernels.dispatch import compress
+from gear_kernels import GearConfig, compress, decompress, resolve_kernel
 from gear_kernels.rotation import check_head_dim, hadamard_signs, rotate, rotation_of, unrotate
 from gear_kernels.store import KVStore, SinkPart
 

@@ -469,7 +469,8 @@ def oversize_warning(config: GearConfig, head_dim: int, dtype: torch.dtype) -> s
     dense cache (outlier_ratio=0.99 does), else None. Measured on a random chunk: what is stored
     depends on the shapes and the config, not on the values."""
     x = torch.randn(1, 1, config.buffer_size, head_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
-    chunks = [compress(x, config, kind, config.rank(prompt=False)) for kind in ("key", "value")]
+    # the torch reference, on this CPU tensor whatever config.kernel says: Triton stores the same
+    chunks = [compress(x, config, kind, config.rank(prompt=False), kernel="torch") for kind in ("key", "value")]
     bits = {part: 4 * sum(chunk.nbytes(by_component=True)[part] for chunk in chunks) / x.numel()
             for part in CompressedChunk.COMPONENTS}  # 8 * bytes / (2 * numel): keys and values
     stored, dense = sum(bits.values()), 8 * dtype.itemsize

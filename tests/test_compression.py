@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gear_kernels import CompressedChunk, GearConfig, bits_per_element, compress, decompress
+from gear_kernels.chunk import compress as compress_reference
 from gear_kernels.codecs import CODECS, METHODS
 from gear_kernels.codecs.kivi import WHOLE_GROUPS
 from gear_kernels.config import SHARED
@@ -104,6 +105,26 @@ def assert_same_bytes(a: CompressedChunk, b: CompressedChunk, skip: tuple[str, .
         assert ta[name].dtype == tb[name].dtype and ta[name].shape == tb[name].shape, name
         # bitwise, whatever the layout (QR leaves lowrank_a column-major)
         assert torch.equal(ta[name].contiguous().view(torch.uint8), tb[name].contiguous().view(torch.uint8)), name
+
+
+# --- the public compress dispatches on config.kernel ---------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_compress_with_kernel_torch_is_the_torch_reference(method):
+    x = with_outliers(randn(2, 3, 70, 48))
+    config = GearConfig(method=method, kernel="torch")
+    ours, reference = compress(x, config, "key"), compress_reference(x, config, "key")
+    assert (ours.shape, ours.dtype, ours.bits, ours.per_channel, ours.group) == \
+        (reference.shape, reference.dtype, reference.bits, reference.per_channel, reference.group)
+    assert_same_bytes(ours, reference)
+
+
+def test_compress_with_kernel_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
+    """Triton runs on CUDA tensors, or on CPU ones under TRITON_INTERPRET=1 (which conftest sets)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="use kernel='torch'"):
+        compress(randn(1, 2, 8, 16), GearConfig(kernel="triton"), "key")
 
 
 # --- method none ---------------------------------------------------------------------------

@@ -23,13 +23,14 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("Triton kernels on CPU need TRITON_INTERPRET=1 (tests/conftest.py sets it)", allow_module_level=True)
 pytest.importorskip("triton")
 
-from gear_kernels import GearConfig, compress, decompress, resolve_kernel  # noqa: E402
+from gear_kernels import GearConfig, decompress, resolve_kernel  # noqa: E402
 from gear_kernels import dispatch  # noqa: E402
 from gear_kernels.codecs import CODECS  # noqa: E402
 from gear_kernels import triton_attention as ta  # noqa: E402
 from gear_kernels import triton_device as td  # noqa: E402
 from gear_kernels import triton_quantize as tq  # noqa: E402
 from gear_kernels.attention_reference import decode_attention_torch  # noqa: E402
+from gear_kernels.chunk import compress as compress_torch  # noqa: E402
 from gear_kernels.store import KVStore, SinkPart  # noqa: E402
 
 # relative error (max |out - ref| / max |ref|) allowed per model dtype; bf16 also absorbs the
@@ -91,11 +92,11 @@ QUANT_CASES = [  # backbone, bits, batch, tokens, head_dim, dtype, group_size
 
 @pytest.mark.parametrize("backbone,bits,batch,tokens,dim,dtype,group", QUANT_CASES)
 def test_quantize_pack_matches_reference_bitwise(backbone, bits, batch, tokens, dim, dtype, group):
-    """Codes, scales, zero points and outliers: the same bits as gear_kernels.compress."""
+    """Codes, scales, zero points and outliers: the same bits as the torch reference."""
     config = GearConfig(method="gear", bits=bits, backbone=backbone, group_size=group, rank_prompt=0)
     for kind, seed in (("key", 1), ("value", 2)):
         x = kv(batch, 2, tokens, dim, dtype, seed + bits, kind)
-        assert_same_chunk(tq.compress_triton(x, config, kind), compress(x, config, kind))
+        assert_same_chunk(tq.compress_triton(x, config, kind), compress_torch(x, config, kind))
 
 
 @pytest.mark.parametrize("method,backbone,bits,kind,dtype,dim", [
@@ -106,7 +107,8 @@ def test_compress_with_lowrank_matches_reference(method, backbone, bits, kind, d
     """The pack kernel's residual feeds the same power iteration: the same factors."""
     config = GearConfig(method=method, bits=bits, backbone=backbone, rank_prompt=3)
     x = kv(2, 2, 83, dim, dtype, 5, kind)
-    assert_same_chunk(tq.compress_triton(x, config, kind), compress(x, config, kind), lowrank_exact=DEVICE == "cpu")
+    assert_same_chunk(tq.compress_triton(x, config, kind), compress_torch(x, config, kind),
+                      lowrank_exact=DEVICE == "cpu")
 
 
 def test_quantize_edge_cases_match_reference():
@@ -114,16 +116,16 @@ def test_quantize_edge_cases_match_reference():
     config = GearConfig(method="gear", bits=2, group_size=4, outlier_ratio=0.5, rank_prompt=0)
     const = torch.full((1, 1, 9, 16), -3.25, dtype=torch.float16, device=DEVICE)
     for kind in ("key", "value"):
-        assert_same_chunk(tq.compress_triton(const, config, kind), compress(const, config, kind))
+        assert_same_chunk(tq.compress_triton(const, config, kind), compress_torch(const, config, kind))
         x = kv(1, 1, 5, 16, torch.float16, 3, kind)
-        assert_same_chunk(tq.compress_triton(x, config, kind), compress(x, config, kind))
+        assert_same_chunk(tq.compress_triton(x, config, kind), compress_torch(x, config, kind))
         one = kv(1, 2, 1, 16, torch.bfloat16, 4, kind)
-        assert_same_chunk(tq.compress_triton(one, config, kind), compress(one, config, kind))
+        assert_same_chunk(tq.compress_triton(one, config, kind), compress_torch(one, config, kind))
     # the largest fp16 values quantize (scale rounded up to exactly 65504 / 3 is fine)
     near = torch.tensor([-65504.0, 65504.0, 0.0, 1.0] * 4, dtype=torch.float16, device=DEVICE).reshape(1, 1, 4, 4)
     plain = GearConfig(method="kivi", bits=2, group_size=4)
     for kind in ("key", "value"):
-        assert_same_chunk(tq.compress_triton(near, plain, kind), compress(near, plain, kind))
+        assert_same_chunk(tq.compress_triton(near, plain, kind), compress_torch(near, plain, kind))
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
@@ -131,7 +133,7 @@ def test_quantize_refuses_what_the_reference_refuses():
     big = torch.full((1, 1, 4, 16), 1e6, device=DEVICE)
     big[..., 0, 0] = -1e6
     with pytest.raises(ValueError, match="fp16 range"):
-        compress(big, GearConfig(method="kivi"), "value")
+        compress_torch(big, GearConfig(method="kivi"), "value")
     with pytest.raises(ValueError, match="fp16 range"):
         tq.compress_triton(big, GearConfig(method="kivi"), "value")
     bad = kv(1, 1, 4, 16, torch.float16, 0, "key")
@@ -142,7 +144,7 @@ def test_quantize_refuses_what_the_reference_refuses():
 
 # ---------------------------------------------------------------- decode attention
 
-def make_store(config, batch, heads, dim, dtype, prompt, chunks, seed, compressor=compress):
+def make_store(config, batch, heads, dim, dtype, prompt, chunks, seed, compressor=compress_torch):
     """A KVStore: prompt[b] tokens of row b (0: none; None: no prompt part) compressed row by
     row at the prompt rank, then `chunks` streamed chunks of buffer_size tokens at the chunk rank."""
     store = KVStore(batch=batch, prompt_end=max(prompt) if prompt else 0)
@@ -367,10 +369,10 @@ def test_torch_reference_is_attention_over_the_decompressed_cache(q_len, with_si
     gen = lambda n, seed, kind: kv(1, 2, n, 16, torch.float32, seed, kind)  # noqa: E731
     rows_k = [gen(9, 1, "key"), None, gen(20, 2, "key")]
     rows_v = [gen(9, 3, "value"), None, gen(20, 4, "value")]
-    rows_k = [None if x is None else compress(x, config, "key") for x in rows_k]
-    rows_v = [None if x is None else compress(x, config, "value") for x in rows_v]
-    chunks_k = [compress(kv(3, 2, 8, 16, torch.float32, 10 + i, "key"), config, "key", 2) for i in range(2)]
-    chunks_v = [compress(kv(3, 2, 8, 16, torch.float32, 20 + i, "value"), config, "value", 2) for i in range(2)]
+    rows_k = [None if x is None else compress_torch(x, config, "key") for x in rows_k]
+    rows_v = [None if x is None else compress_torch(x, config, "value") for x in rows_v]
+    chunks_k = [compress_torch(kv(3, 2, 8, 16, torch.float32, 10 + i, "key"), config, "key", 2) for i in range(2)]
+    chunks_v = [compress_torch(kv(3, 2, 8, 16, torch.float32, 20 + i, "value"), config, "value", 2) for i in range(2)]
     sinks = None  # the second row: sinks only
     if with_sinks:
         sinks = tuple([kv(1, 2, n, 16, torch.float32, 30 + b + 5 * side, kind) for b, n in enumerate((2, 3, 1))]
