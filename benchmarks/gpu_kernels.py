@@ -16,9 +16,9 @@ The run (about 2 minutes on an H200, most of it Triton compiling):
 4. times (median of triton.testing.do_bench) at 1k, 8k and 32k cached tokens and batch 1, 8 and
    32 (kv_heads 8, q_heads 32, head_dim 128, fp16, gear 2-bit kivi, a layer store holding every
    row's compressed prompt, plus a 16-token buffer): decode attention with gear and with kivi
-   (no outliers, no low rank), one launch and a merge whatever the batch,
-   gear's torch path (attention_reference, what kernel=torch runs), torch SDPA over an fp16
-   cache of the same length, and the quantize+pack kernels on the prompt's keys. Each time is
+   (no outliers, no low rank), one launch and a merge whatever the batch, gear's packed torch
+   path (attention_reference, what kernel=torch runs under use_gear_attention), torch SDPA over
+   an fp16 cache of the same length, and the quantize+pack kernels on the prompt's keys. Each time is
    set against the bytes the kernel must move at the measured bandwidth (the "% of copy BW"
    column) and, for attention, against SDPA.
 
@@ -321,9 +321,9 @@ def time_rows(tokens_list, batches, methods, heads, ratio, dim, dtype, n_buf):
                     return ta.decode_attention_triton(q, store, k_buf, v_buf, scale, out=out)
 
                 yield tokens, batch, f"decode attention {method} 2-bit", bench(attend), moved, sdpa_s
-                if method == "gear":  # the torch path (dispatch's kernel=torch) on the same cache
+                if method == "gear":  # the packed torch path (dispatch's kernel=torch) on the same cache
                     torch_s = bench(lambda: decode_attention_torch(q, store, k_buf, v_buf, scale))
-                    yield tokens, batch, "decode attention gear 2-bit, torch path", torch_s, moved, sdpa_s
+                    yield tokens, batch, "decode attention gear 2-bit, packed torch", torch_s, moved, sdpa_s
                 del store
             x = cache.k[:batch].reshape(batch * heads, tokens, dim)
             index = select_outliers(x.reshape(batch * heads, -1).float(), config.codec.outlier_ratio)

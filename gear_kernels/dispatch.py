@@ -7,8 +7,10 @@ imported lazily, so gear_kernels works on machines without triton.
     decode_attention(q, store, k_buf, v_buf, scale, kernel="auto")
     compress(x, config, kind, rank=None, kernel=None)   # kernel defaults to config.kernel
 
-Both paths of each function compute the same thing (attention_reference.py and
-triton_attention.py; chunk.py and triton_quantize.py).
+Both paths of each function compute the same thing: decode_attention is the packed torch path
+(attention_reference.py) or the packed Triton path (triton_attention.py), both reading the store
+itself; compress is chunk.py or triton_quantize.py. (The third attention path, rebuilt, is
+lm_eval_gear.cache's working copy read by transformers' SDPA: nothing here.)
 """
 
 from __future__ import annotations
