@@ -1,4 +1,4 @@
-"""The torch path's decode step against the number of chunks a layer holds.
+"""The rebuilt path's decode step against the number of chunks a layer holds.
 
     python -m benchmarks.decode_step            # SmolLM2-sized layer: 3 kv heads, head_dim 64
     python -m benchmarks.decode_step --smoke    # tiny sizes, a few seconds
@@ -6,7 +6,7 @@
 A layer holds the same tokens (a short prompt, then streamed chunks) split into more and more
 chunks (smaller buffer_size). Each row is timed in one run, beside the other:
 
-- "GearLayer": what GearCache does at each decode step on the torch path: append the token,
+- "GearLayer": what GearCache does at each decode step on the rebuilt path: append the token,
   attend (one query, GQA) over the layer's keys and values, compress the buffer when it is
   full. Timed over buffer_size steps, so one flush is in every measurement, then per step;
 - "rebuild per chunk": the same attention after rebuilding the keys and values from the

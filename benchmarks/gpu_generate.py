@@ -1,11 +1,12 @@
 """GearCache end to end on a GPU: one random Llama-style model generates with the exact cache,
-GEAR's torch path and GEAR's Triton path; tokens, logits, stored bytes, peak memory, speed.
+GEAR on the rebuilt path and GEAR on the packed Triton path; tokens, logits, stored bytes, peak
+memory, speed.
 
     python benchmarks/gpu_generate.py            # CUDA: fp16, 8 layers, batch 4, 2k-token prompts
     python benchmarks/gpu_generate.py --smoke    # CPU, TRITON_INTERPRET=1, tiny sizes
 
-Row 1 of the batch is left-padded, so the packed path reads a prompt chunk without its pads.
-The Triton path is checked against the torch path (same config, same weights): greedy tokens
+Row 1 of the batch is left-padded, so the packed Triton path reads a prompt chunk without its
+pads. It is checked against the rebuilt path (same config, same weights): greedy tokens
 position by position, and the largest logit difference over the decode steps both reached on
 the same tokens, relative to each step's logit range (a failure exits with status 1). Peak memory is what
 `generate` allocates beyond the weights and inputs (activations and logits included, the same
@@ -39,7 +40,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from lm_eval_gear import GearCache, GearConfig, use_gear_attention  # noqa: E402
 from lm_eval_gear.compat import cache_kwarg  # noqa: E402
 
-TOLERANCE = 2e-2  # decode-step logits, Triton vs torch path, relative to the logit range
+TOLERANCE = 2e-2  # decode-step logits, packed Triton vs rebuilt path, relative to the logit range
 PAD = 100  # left padding of row 1
 
 
@@ -131,10 +132,10 @@ def main() -> int:
           f"{prompt} tokens (row 1 left-padded by {pad}), {new_tokens} new tokens, greedy\n")
 
     runs = [("exact (DynamicCache layers)", GearConfig(method="none")),
-            (f"{OPTS.method}-{OPTS.bits}, torch path", GearConfig(method=OPTS.method, bits=OPTS.bits, kernel="torch", **small))]
+            (f"{OPTS.method}-{OPTS.bits}, rebuilt", GearConfig(method=OPTS.method, bits=OPTS.bits, kernel="torch", **small))]
     results = {label: generate(model, ids, mask, config, new_tokens, device) for label, config in runs}
-    use_gear_attention(model)  # from here on the model attends through the packed path
-    label = f"{OPTS.method}-{OPTS.bits}, Triton"
+    use_gear_attention(model)  # from here on the model attends through the packed Triton path
+    label = f"{OPTS.method}-{OPTS.bits}, packed Triton"
     results[label] = generate(model, ids, mask, GearConfig(method=OPTS.method, bits=OPTS.bits, kernel="triton", **small),
                               new_tokens, device)
 
@@ -143,16 +144,16 @@ def main() -> int:
                          new_tokens)
 
     exact_tokens = results[runs[0][0]][0]
-    torch_label = runs[1][0]
-    torch_tokens, torch_logits = results[torch_label][:2]
+    rebuilt_label = runs[1][0]
+    rebuilt_tokens, rebuilt_logits = results[rebuilt_label][:2]
     triton_tokens, triton_logits = results[label][:2]
-    same = (triton_tokens == torch_tokens).float().mean().item()
+    same = (triton_tokens == rebuilt_tokens).float().mean().item()
     # step i's logits depend on tokens 0..i-1: compare the steps both runs reached on the same
     # tokens; step 0 comes from the prefill over the exact prompt, so it is left out
-    agree = (triton_tokens == torch_tokens).all(dim=0).long()  # (new_tokens,)
+    agree = (triton_tokens == rebuilt_tokens).all(dim=0).long()  # (new_tokens,)
     steps = min(int(agree.cumprod(0).sum()), new_tokens - 1)
-    diff = (triton_logits[1:steps + 1] - torch_logits[1:steps + 1]).abs().amax(-1)  # (steps, batch)
-    spread = torch_logits[1:steps + 1].amax(-1) - torch_logits[1:steps + 1].amin(-1)
+    diff = (triton_logits[1:steps + 1] - rebuilt_logits[1:steps + 1]).abs().amax(-1)  # (steps, batch)
+    spread = rebuilt_logits[1:steps + 1].amax(-1) - rebuilt_logits[1:steps + 1].amin(-1)
     rel = (diff / spread).max().item() if steps else float("nan")
     ok = steps > 0 and rel < TOLERANCE
 
@@ -163,7 +164,7 @@ def main() -> int:
         agree = (tokens == exact_tokens).float().mean().item()
         print(f"| {run_label} | {agree:.2f} | {report['total_bytes'] / 1e6:.1f} | {report['bits_per_element']:.2f} | "
               f"{peak / 1e6:.0f} | {prefill:.2f} | {decode:.0f} | {decode / exact_decode:.2f}x |")
-    print(f"\nTriton vs torch path: tokens equal at {same:.2f} of positions; over steps 1-{steps} (same tokens "
+    print(f"\npacked Triton vs rebuilt: tokens equal at {same:.2f} of positions; over steps 1-{steps} (same tokens "
           f"before them) logits differ by at most {rel:.1e} of their range (tolerance {TOLERANCE:.0e}): "
           f"{'ok' if ok else 'FAIL'}")
     return 0 if ok else 1

@@ -56,7 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from gear_kernels import GearConfig, compress  # noqa: E402
+from gear_kernels import GearConfig  # noqa: E402
+from gear_kernels.chunk import compress  # noqa: E402  (the torch reference, whatever config.kernel says)
 from gear_kernels import triton_attention as ta  # noqa: E402
 from gear_kernels import triton_device as td  # noqa: E402
 from gear_kernels import triton_quantize as tq  # noqa: E402
@@ -285,7 +286,7 @@ class Cache:
 
     def compressed(self, method: str):
         if method not in self.chunks:
-            config = GearConfig(method=method, bits=self.config.bits, backbone=self.config.backbone)
+            config = GearConfig(method=method, bits=self.config.codec.bits, backbone=self.config.codec.backbone)
             self.chunks[method] = (compress(self.k, config, "key", kernel="triton"),
                                    compress(self.v, config, "value", kernel="triton"))
         return self.chunks[method]
@@ -324,12 +325,12 @@ def time_rows(tokens_list, batches, methods, heads, ratio, dim, dtype, n_buf):
                     return ta.decode_attention_triton(q, store, k_buf, v_buf, scale, out=out)
 
                 yield tokens, batch, f"decode attention {method} 2-bit", bench(attend), moved, sdpa_s
-                if method == "gear":  # the torch path (dispatch's kernel=torch) on the same cache
+                if method == "gear":  # the packed torch path (dispatch's kernel=torch) on the same cache
                     torch_s = bench(lambda: decode_attention_torch(q, store, k_buf, v_buf, scale))
-                    yield tokens, batch, "decode attention gear 2-bit, torch path", torch_s, moved, sdpa_s
+                    yield tokens, batch, "decode attention gear 2-bit, packed torch", torch_s, moved, sdpa_s
                 del store
             x = cache.k[:batch].reshape(batch * heads, tokens, dim)
-            index = select_outliers(x.reshape(batch * heads, -1).float(), config.outlier_ratio)
+            index = select_outliers(x.reshape(batch * heads, -1).float(), config.codec.outlier_ratio)
             exclude = torch.zeros((batch * heads, tokens * dim), dtype=torch.bool, device=DEVICE)
             exclude = exclude.scatter_(-1, index, True).reshape(x.shape)  # (rows, T, D), as the quantizer passes it
             codes, scale_t, zero = tq.quantize_pack(x, exclude, 2, 64, True)

@@ -13,7 +13,7 @@ Attention for query heads q (batch, q_heads, q_len, head_dim), q_heads = kv_head
     out = softmax(q K^T * scale + mask) V,   K, V = the row's stored tokens ++ buffer
 
 computed in fp32 and returned in q's dtype. For q_len > 1 the queries are the last q_len
-tokens of the buffer, causally masked among themselves. The Triton path
+tokens of the buffer, causally masked among themselves. The packed Triton path
 (triton_attention.py) computes the same without rebuilding K and V.
 """
 
@@ -123,7 +123,7 @@ def sinks_before_buffer(store: KVStore, k_buf: torch.Tensor | None, v_buf: torch
     (B,) slots to skip at each row's front (a row with fewer sinks has empty slots there).
 
     Attention is the same over keys in any order, and every sink precedes every query, so the
-    Triton path reads the sinks as the buffer's first tokens.
+    packed Triton path reads the sinks as the buffer's first tokens.
     """
     sinks = store.sinks
     lead = sinks.keys.shape[2] - sinks.counts
@@ -134,7 +134,8 @@ def sinks_before_buffer(store: KVStore, k_buf: torch.Tensor | None, v_buf: torch
 
 def decode_attention_torch(q: torch.Tensor, store: KVStore | None, k_buf: torch.Tensor | None,
                            v_buf: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """The torch path (and reference): rebuild the store's K and V, then masked softmax attention.
+    """The packed torch path, the reference of packed Triton: rebuild the store's K and V, then
+    masked softmax attention.
 
     GQA groups query heads onto their kv head (a reshape of q), K/V are never repeated.
     """

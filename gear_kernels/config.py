@@ -25,7 +25,8 @@ class GearConfig:
 
     GearConfig(method="gear", bits=2, ...): the method's own options (codecs/<method>.py) go to
     its parameters, `codec`; an option the method does not use is refused (GearConfigError).
-    The codec's parameters read through: config.bits is config.codec.bits.
+    Read them there (config.codec.bits): a method's options are its codec's fields, and
+    getattr(config.codec, "rotation", "none") is how code reads one that some method lacks.
     buffer_size: generated tokens kept exact before they are compressed as one chunk.
     seed: start of every seeded computation (the power iteration).
     kernel: auto (triton on CUDA, torch elsewhere), triton or torch.
@@ -55,15 +56,6 @@ class GearConfig:
         for name, value in (("method", method), ("codec", params(**options)), ("buffer_size", buffer_size),
                             ("seed", seed), ("kernel", kernel)):
             object.__setattr__(self, name, value)  # frozen: set once, here
-
-    def __getattr__(self, name: str) -> Any:
-        """The codec's parameters (config.bits); called only for names GearConfig lacks."""
-        codec = self.__dict__.get("codec")
-        if codec is None:  # not built yet (unpickling, or a failed __init__)
-            raise AttributeError(name)
-        if name not in codec.options():
-            raise AttributeError(f"GearConfig (method {self.method!r}) has no option {name!r}")
-        return getattr(codec, name)
 
     @property
     def uses_outliers(self) -> bool:

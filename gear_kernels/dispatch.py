@@ -7,8 +7,10 @@ imported lazily, so gear_kernels works on machines without triton.
     decode_attention(q, store, k_buf, v_buf, scale, kernel="auto")
     compress(x, config, kind, rank=None, kernel=None)   # kernel defaults to config.kernel
 
-Both paths of each function compute the same thing (attention_reference.py and
-triton_attention.py; chunk.py and triton_quantize.py).
+Both paths of each function compute the same thing: decode_attention is the packed torch path
+(attention_reference.py) or the packed Triton path (triton_attention.py), both reading the store
+itself; compress is chunk.py or triton_quantize.py. (The third attention path, rebuilt, is
+lm_eval_gear.cache's working copy read by transformers' SDPA: nothing here.)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .chunk import CompressedChunk
 from .chunk import compress as compress_torch
 from .config import KERNELS, GearConfig
 from .store import KVStore
+from .triton_device import check_device
 
 
 def triton_available() -> bool:
@@ -66,7 +69,12 @@ def decode_attention(
 
 def compress(x: torch.Tensor, config: GearConfig, kind: str, rank: int | None = None,
              kernel: str | None = None) -> CompressedChunk:
-    """chunk.compress, the quantizer's encode by Triton when the kernel resolves to triton (and
-    the quantizer has one): the same stored tensors either way (see triton_quantize).
+    """gear_kernels.compress (DESIGN.md section 4): chunk.compress, with the quantizer's Triton
+    encode when the kernel resolves to triton (and the quantizer has one): the same stored
+    tensors either way (see triton_quantize). kernel="triton" on tensors Triton cannot run on
+    raises here, before any work is done.
     """
-    return compress_torch(x, config, kind, rank, resolve_kernel(config.kernel if kernel is None else kernel, x.device))
+    path = resolve_kernel(config.kernel if kernel is None else kernel, x.device)
+    if path == "triton":
+        check_device(x.device)
+    return compress_torch(x, config, kind, rank, path)

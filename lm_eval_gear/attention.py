@@ -1,13 +1,18 @@
-"""Decode attention straight from the packed cache, through transformers' AttentionInterface.
+"""The packed attention paths: decode attention straight from the store, through transformers'
+AttentionInterface.
 
 `use_gear_attention(model)` makes every attention layer call `gear_attention`. When a GearLayer
 that holds compressed tokens is updated, GearCache hands the layer's store and exact buffer
 over under its layer index (`hand_over`), and returns stand-in K/V (zero-stride, no memory)
 for the model to pass along; `gear_attention` takes what was handed over under its module's
-`layer_idx` and calls gear_kernels.decode_attention, so no full-precision copy of the
-compressed tokens is built. Nothing rides on the tensors: a stand-in without a hand-over (or a
-hand-over without its stand-in, or shapes that disagree) raises. Everything else (prefill,
-sliding-window layers, which attend through the model's own mask) goes to transformers' SDPA.
+`layer_idx` and calls gear_kernels.decode_attention: the packed Triton path
+(gear_kernels.triton_attention), which builds no full-precision copy of the compressed tokens,
+or, with kernel=torch, the packed torch path (gear_kernels.attention_reference, its reference,
+which rebuilds the store at each call). Without use_gear_attention a GearCache takes the
+rebuilt path: it keeps a working copy that SDPA reads, and nothing here runs. Nothing rides on
+the tensors: a stand-in without a hand-over (or a hand-over without its stand-in, or shapes that
+disagree) raises. Everything else (prefill, sliding-window layers, which attend through the
+model's own mask) goes to transformers' SDPA.
 """
 
 from __future__ import annotations
@@ -75,7 +80,8 @@ def gear_attention(module, query, key, value, attention_mask, dropout=0.0, scali
             f"{tuple(key.shape)}; the GearCache and the model's layers disagree"
         )
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise ValueError("GEAR's packed attention supports neither logit soft-capping nor learned sink logits (s_aux); use kernel=torch")
+        raise ValueError("GEAR's packed attention supports neither logit soft-capping nor learned sink logits (s_aux); "
+                         "use the rebuilt path (kernel=torch, without use_gear_attention)")
     if packed.check_padding:
         _check_padding(attention_mask, packed.store, seq_len)
     scale = module.scaling if scaling is None else scaling

@@ -7,8 +7,13 @@ Each attention layer keeps, in one packed store (gear_kernels.store.KVStore),
   row's first n tokens are kept exact instead (attention sinks);
 - streamed chunks: every `buffer_size` generated tokens, compressed together as one chunk;
 and beside the store the buffer: the latest generated tokens, exact. Attention sees the
-store's tokens followed by the buffer: on the Triton path it reads the store itself
-(lm_eval_gear.attention); on the torch path the layer keeps the store's reconstruction.
+store's tokens followed by the buffer, by one of three paths:
+- rebuilt (the default; gear-hf's on CPU and with kernel=torch): the layer keeps the store
+  decompressed as a working copy, which transformers' own attention (SDPA) reads;
+- packed Triton (use_gear_attention, kernel=triton or auto on CUDA): lm_eval_gear.attention
+  reads the store itself with gear_kernels.triton_attention, and no working copy is built;
+- packed torch (use_gear_attention, kernel=torch): the same hand-over, read by
+  gear_kernels.attention_reference.decode_attention_torch, the reference of packed Triton.
 
 A row's left padding comes from the prompt's attention_mask (given to the cache, or to reset)
 or, where transformers hands the cache the position ids (generate() derives them from the
@@ -30,8 +35,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from gear_kernels import GearConfig, decompress, resolve_kernel
-from gear_kernels.dispatch import compress
+from gear_kernels import GearConfig, compress, decompress, resolve_kernel
 from gear_kernels.rotation import check_head_dim, hadamard_signs, rotate, rotation_of, unrotate
 from gear_kernels.store import KVStore, SinkPart
 
@@ -187,8 +191,8 @@ class GearLayer(CacheLayerMixin):
 
     @property
     def reads_packed(self) -> bool:
-        """Whether attention reads the store itself (lm_eval_gear.attention) rather than its
-        reconstruction; sliding layers never do: the model's sliding mask applies to them."""
+        """Whether attention takes a packed path (lm_eval_gear.attention reads the store itself)
+        rather than the rebuilt one; sliding layers never do: the model's sliding mask applies to them."""
         return self.packed_attention and not self.is_sliding
 
     def _first_visible(self, seen: int | None = None) -> int:
@@ -203,7 +207,7 @@ class GearLayer(CacheLayerMixin):
         one chunk, so padding enters no statistic; the rows' chunks then go to the store."""
         end = keys.shape[-2]
         store = KVStore(batch=keys.shape[0], prompt_start=self._first_visible(end), prompt_end=end)
-        rank, n_sinks = self.config.rank(prompt=True), self.config.sink_tokens
+        rank, n_sinks = self.config.rank(prompt=True), self.config.codec.sink_tokens
         rows_k, rows_v, sinks_k, sinks_v = [], [], [], []
         for row, pad in enumerate(self.pad_len.tolist()):
             start = max(pad, store.prompt_start)
@@ -299,7 +303,7 @@ class GearLayer(CacheLayerMixin):
         Pad positions of the prompt come back as zeros; the attention mask hides them. The
         store's part is rebuilt once (at prefill) and then kept, each flushed chunk's added to it
         and dropped tokens cut off it (the same values, bit for bit, as the store's dense()), so
-        that a decode step on the torch path costs what it costs with an exact cache;
+        that a decode step on the rebuilt path costs what it costs with an exact cache;
         memory_report() counts that working copy apart (`working_bytes`).
         """
         keys, values = self.decoded
@@ -308,7 +312,7 @@ class GearLayer(CacheLayerMixin):
         return torch.cat([keys, self.buffer_k], dim=-2), torch.cat([values, self.buffer_v], dim=-2)
 
     def working_bytes(self) -> int:
-        """Bytes of the torch path's rebuilt keys and values kept between steps (see reconstruct)."""
+        """Bytes of the rebuilt path's working copy, kept between steps (see reconstruct)."""
         if self.decoded is None or self.decoded[0] is None:
             return 0
         return sum(t.numel() * t.element_size() for t in self.decoded)
@@ -428,7 +432,7 @@ class GearCache(Cache):
 
     def can_feed_at_once(self) -> bool:
         """Whether fed_at_once applies: one row, every layer compressing and attending through its
-        rebuilt copy (the torch path; sliding windows and packed attention feed piece by piece)."""
+        working copy (the rebuilt path; sliding windows and the packed paths feed piece by piece)."""
         layers = self.layers
         return bool(layers) and all(isinstance(layer, GearLayer) and layer.is_initialized and not layer.is_sliding
                                     and not layer.reads_packed and layer.store.batch == 1 for layer in layers)
@@ -439,7 +443,7 @@ class GearCache(Cache):
         attend to fed one at a time (the store, the chunks compressed before its own, its own chunk's
         tokens exactly); yields the additive (1, 1, tokens, keys) mask to give that forward as its
         attention_mask. The cache ends as it would after those tokens one at a time."""
-        assert self.can_feed_at_once(), "fed_at_once needs one row on the torch path without sliding windows"
+        assert self.can_feed_at_once(), "fed_at_once needs one row on the rebuilt path without sliding windows"
         first = self.layers[0]
         held = 0 if first.decoded[0] is None else first.decoded[0].shape[-2]
         buffered = 0 if first.buffer_k is None else first.buffer_k.shape[-2]
@@ -466,8 +470,8 @@ class GearCache(Cache):
     def memory_report(self) -> dict:
         """Bytes actually stored, per layer and in total, by component, against DynamicCache.
 
-        `working_bytes` is apart: the torch path's rebuilt keys and values, kept between decode
-        steps (a speed-up that a GPU run on the Triton path does without).
+        `working_bytes` is apart: the rebuilt path's working copy of the store, kept between
+        decode steps (a speed-up that the packed paths do without).
         """
         per_layer = [_layer_report(layer) for layer in self.layers]
         total = {c: sum(r["bytes"][c] for r in per_layer) for c in COMPONENTS}

@@ -123,10 +123,10 @@ MEMORY_NOTES = {
     "ratio": "dense_bytes / total_bytes (how many times smaller than the model's own dtype)",
     "peak_kv_cache_bytes": "the largest single cache at its fullest (a generate batch at its "
     "last token, or a batch of scored requests)",
-    "peak_working_bytes": "the largest working copy beside a cache, not in total_bytes: the torch "
-    "path (CPU) keeps each layer's keys and values rebuilt from the store between decode steps, "
-    "so a step costs what it costs with an exact cache; 0 where attention reads the packed store "
-    "(Triton)",
+    "peak_working_bytes": "the largest working copy beside a cache, not in total_bytes: the rebuilt "
+    "path (the CPU default) keeps each layer's keys and values rebuilt from the store between decode "
+    "steps, so a step costs what it costs with an exact cache; 0 on the packed paths, which read "
+    "the store itself",
     "peak_device_allocated_bytes": "torch.cuda.max_memory_allocated during the run (weights, "
     "activations and caches together); null on CPU",
     "response_cache": "the lm-eval response-cache file (--use_cache) of the run, or null",
@@ -450,8 +450,8 @@ class GearHFLM(HFLM):
 def rows_that_fit(budget: int, tokens: int, model_config, dtype: torch.dtype, limit: int | None) -> int:
     """How many rows of `tokens` tokens a forward like HFLM's batch-size detection holds in `budget`
     bytes, at least 1 and at most `limit`: per token the logits and their log-softmax (the
-    vocabulary twice), every layer's keys and values twice (the cache, and the torch path's
-    rebuilt copy or an exact prefill beside the store), and one layer's attention scores (heads x
+    vocabulary twice), every layer's keys and values twice (the cache, and the rebuilt path's
+    working copy or an exact prefill beside the store), and one layer's attention scores (heads x
     tokens, fp32). Weights and activations are left to the other half of the free memory."""
     text = model_config.get_text_config()
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
@@ -469,7 +469,8 @@ def oversize_warning(config: GearConfig, head_dim: int, dtype: torch.dtype) -> s
     dense cache (outlier_ratio=0.99 does), else None. Measured on a random chunk: what is stored
     depends on the shapes and the config, not on the values."""
     x = torch.randn(1, 1, config.buffer_size, head_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
-    chunks = [compress(x, config, kind, config.rank(prompt=False)) for kind in ("key", "value")]
+    # the torch reference, on this CPU tensor whatever config.kernel says: Triton stores the same
+    chunks = [compress(x, config, kind, config.rank(prompt=False), kernel="torch") for kind in ("key", "value")]
     bits = {part: 4 * sum(chunk.nbytes(by_component=True)[part] for chunk in chunks) / x.numel()
             for part in CompressedChunk.COMPONENTS}  # 8 * bytes / (2 * numel): keys and values
     stored, dense = sum(bits.values()), 8 * dtype.itemsize
@@ -520,7 +521,7 @@ def summary_line(summary: dict[str, Any]) -> str:
     parts = ", ".join(f"{k} {_size(v)}" for k, v in mem["bytes"].items())
     peak = f"peak cache {_size(mem['peak_kv_cache_bytes'])}"
     if mem["peak_working_bytes"]:
-        peak += f" (+ {_size(mem['peak_working_bytes'])} rebuilt for the torch path)"
+        peak += f" (+ {_size(mem['peak_working_bytes'])} working copy, rebuilt path)"
     if mem["peak_device_allocated_bytes"] is not None:
         peak += f", peak device memory {_size(mem['peak_device_allocated_bytes'])}"
     return (

@@ -3,7 +3,7 @@
 A request (context, continuation) is cut to the model's length as HFLM cuts it (a
 :class:`Window`): its prompt, what is left of the context, is prefilled with exact attention and
 then compressed; the rest is fed through the compressed cache so that every token sees the cache
-as in generation: on the torch path many tokens a forward (``GearCache.fed_at_once``: each token
+as in generation: on the rebuilt path many tokens a forward (``GearCache.fed_at_once``: each token
 attends to the chunks compressed before its own and to its own chunk exactly), else in pieces
 that end on the cache's buffer flushes (``forcing.buffer_pieces``). The first continuation token
 is scored by the exact prefill, as the first generated token is.

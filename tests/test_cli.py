@@ -237,7 +237,7 @@ def test_gear_hf_compresses_every_request_type(runs):
     assert memory["dense_bits_per_element"] == 32.0  # the tiny model runs in float32
     assert 2 < memory["bits_per_element"] < 32 and memory["ratio"] > 1
     assert 0 < memory["peak_kv_cache_bytes"] <= memory["total_bytes"]
-    # the torch path's rebuilt keys and values: the largest cache's tokens in the model's dtype, at most
+    # the rebuilt path's working copy: the largest cache's tokens in the model's dtype, at most
     assert 0 < memory["peak_working_bytes"] <= memory["dense_bytes"]
     assert "peak_device_allocated_bytes" in memory  # null on CPU
 

@@ -88,7 +88,7 @@ def test_every_codec_round_trips_within_its_bound(case, kind, dtype):
     assert chunk.quantizer.bits == config.codec.bits_for(kind)
     assert_within_half_step(x, without_lowrank(chunk))  # the backbone, outliers aside
     if config.uses_outliers:
-        if config.outlier_dtype == "model":
+        if config.codec.outlier_dtype == "model":
             assert_outliers_exact(x, chunk)
         else:
             assert chunk.parts["outlier_values"].dtype == torch.float16
@@ -240,7 +240,7 @@ def test_triton_attention_equals_torch_with_codec_options(options, dtype, prompt
     for i in range(chunks):
         store = store.appended(compress(kv(len(prompt), 16, 30 + i), config, "key", 2),
                                compress(kv(len(prompt), 16, 40 + i), config, "value", 2))
-    assert store.keys.quantizer.bits == config.key_bits and store.values.quantizer.bits == config.value_bits
+    assert store.keys.quantizer.bits == config.codec.key_bits and store.values.quantizer.bits == config.codec.value_bits
     k_buf, v_buf = kv(len(prompt), n_buf, 50), kv(len(prompt), n_buf, 51)
     q = structured(len(prompt), 3 * heads, 1, dim, seed=52, dtype=dtype).to(device)  # GQA 3
     ref = decode_attention_torch(q, store, k_buf, v_buf, dim ** -0.5)

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gear_kernels import CompressedChunk, GearConfig, bits_per_element, compress, decompress
+from gear_kernels.chunk import compress as compress_reference
 from gear_kernels.codecs import CODECS, METHODS
 from gear_kernels.config import SHARED
 from gear_kernels.corrections.outliers import BUCKET, index_dtype
@@ -129,6 +130,26 @@ def assert_same_bytes(a: CompressedChunk, b: CompressedChunk, skip: tuple[str, .
         assert torch.equal(ta[name].contiguous().view(torch.uint8), tb[name].contiguous().view(torch.uint8)), name
 
 
+# --- the public compress dispatches on config.kernel ---------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_compress_with_kernel_torch_is_the_torch_reference(method):
+    x = with_outliers(randn(2, 3, 70, 48))
+    config = GearConfig(method=method, kernel="torch")
+    ours, reference = compress(x, config, "key"), compress_reference(x, config, "key")
+    assert (ours.shape, ours.dtype, ours.quantizer, ours.token_group) == \
+        (reference.shape, reference.dtype, reference.quantizer, reference.token_group)
+    assert_same_bytes(ours, reference)
+
+
+def test_compress_with_kernel_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
+    """Triton runs on CUDA tensors, or on CPU ones under TRITON_INTERPRET=1 (which conftest sets)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="use kernel='torch'"):
+        compress(randn(1, 2, 8, 16), GearConfig(kernel="triton"), "key")
+
+
 # --- method none ---------------------------------------------------------------------------
 
 
@@ -236,7 +257,7 @@ def test_rank_defaults_to_the_prompt_rank_and_zero_stores_none():
     config = GearConfig(method="gear", rank_prompt=3, rank_chunk=2)
     x = randn(1, 1, 20, 16)
     assert compress(x, config, "key").parts["lowrank_a"].shape[-1] == 3
-    assert compress(x, config, "key", config.rank_chunk).parts["lowrank_a"].shape[-1] == 2
+    assert compress(x, config, "key", config.codec.rank_chunk).parts["lowrank_a"].shape[-1] == 2
     none = compress(x, config, "key", 0)
     assert not {"lowrank_a", "lowrank_b"} & none.parts.keys() and "lowrank" not in none.nbytes(by_component=True)
 
@@ -494,16 +515,16 @@ def test_property_stored_layout(x, config, kind):
     if rank:
         assert parts["lowrank_a"].shape == (batch, heads, tokens, rank)
         assert parts["lowrank_b"].shape == (batch, heads, 1, head_dim, rank)
-        int8 = config.lowrank_dtype == "int8"
+        int8 = config.codec.lowrank_dtype == "int8"
         assert ("lowrank_a_scale" in parts) == ("lowrank_b_scale" in parts) == int8
         if int8:
             assert parts["lowrank_a_scale"].shape == parts["lowrank_b_scale"].shape == (batch, heads, 1, rank)
     if config.uses_outliers:
-        n = 2 * math.ceil(round(config.outlier_ratio / 2 * tokens * head_dim, 9))
+        n = 2 * math.ceil(round(config.codec.outlier_ratio / 2 * tokens * head_dim, 9))
         n = min(n, 2 * (tokens * head_dim // 2))
         assert parts["outlier_values"].shape == parts["outlier_index"].shape == (batch, heads, n)
         assert parts["outlier_bucket"].shape == (batch, heads, -(-tokens // BUCKET) + 1)
-        if config.outlier_dtype == "model":
+        if config.codec.outlier_dtype == "model":
             assert_outliers_exact(x, chunk)
     else:
         assert not any(name.startswith("outlier") for name in parts)
@@ -516,7 +537,7 @@ def test_property_stored_layout(x, config, kind):
 def test_property_without_lowrank_within_half_step(x, config, kind):
     chunk = compress(x, config, kind, rank=0)
     assert_within_half_step(x, chunk)
-    if config.uses_outliers and config.outlier_dtype == "model":
+    if config.uses_outliers and config.codec.outlier_dtype == "model":
         assert_outliers_exact(x, chunk)
 
 

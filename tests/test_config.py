@@ -11,18 +11,21 @@ import pytest
 
 from gear_kernels import GearConfig, GearConfigError
 from gear_kernels.codecs import CODECS, METHODS
+from gear_kernels.codecs.base import BITS
 from gear_kernels.codecs.kivi import BACKBONES
-from gear_kernels.config import SHARED
+from gear_kernels.quantizers import QUANTIZERS
+from gear_kernels.config import KERNELS, SHARED, option_types
 
 
 def test_defaults_are_the_papers():
     config = GearConfig()
-    assert (config.method, config.bits, config.backbone, config.group_size) == ("gear", 2, "kivi", 64)
-    assert (config.outlier_ratio, config.rank_prompt, config.rank_chunk) == (0.02, 4, 2)
-    assert (config.power_iters, config.buffer_size) == (3, 64)
+    codec = config.codec
+    assert (config.method, codec.bits, codec.backbone, codec.group_size) == ("gear", 2, "kivi", 64)
+    assert (codec.outlier_ratio, codec.rank_prompt, codec.rank_chunk) == (0.02, 4, 2)
+    assert (codec.power_iters, config.buffer_size) == (3, 64)
 
 
-COMPONENTS = {  # method: (outliers, low rank, compresses)
+PAPER_COMPONENTS = {  # the paper's methods (DESIGN.md section 2): (outliers, low rank, compresses)
     "none": (False, False, False),
     "kivi": (False, False, True),
     "gear-l": (False, True, True),
@@ -31,12 +34,13 @@ COMPONENTS = {  # method: (outliers, low rank, compresses)
 
 
 def test_registry_holds_the_paper_methods_in_order():
-    assert METHODS == tuple(COMPONENTS) == ("none", "kivi", "gear-l", "gear")
+    """In the paper's order, whatever other methods are registered beside them."""
+    assert tuple(m for m in METHODS if m in PAPER_COMPONENTS) == tuple(PAPER_COMPONENTS)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PAPER_COMPONENTS)
 def test_method_selects_components(method):
-    outliers, lowrank, compresses = COMPONENTS[method]
+    outliers, lowrank, compresses = PAPER_COMPONENTS[method]
     config = GearConfig(method=method)
     assert (config.uses_outliers, config.uses_lowrank, config.compresses) == (outliers, lowrank, compresses)
 
@@ -45,16 +49,24 @@ def test_gear_without_outlier_ratio_keeps_no_outliers():
     assert not GearConfig(method="gear", outlier_ratio=0).uses_outliers
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("backbone", ["kivi", "kcvt", "flexgen"])
+@pytest.mark.parametrize("backbone, bits", [(b, bits) for b in BACKBONES for bits in QUANTIZERS[b].allowed_bits])
 def test_every_allowed_bits_and_backbone(bits, backbone):
-    assert GearConfig(bits=bits, backbone=backbone).bits == bits
+    assert GearConfig(bits=bits, backbone=backbone).codec.bits == bits
+
+
+@pytest.mark.parametrize("backbone", [b for b in BACKBONES if set(BITS) - set(QUANTIZERS[b].allowed_bits)])
+def test_bits_a_backbone_does_not_take_are_refused(backbone):
+    bits = min(set(BITS) - set(QUANTIZERS[backbone].allowed_bits))
+    allowed = ", ".join(map(str, QUANTIZERS[backbone].allowed_bits))
+    with pytest.raises(GearConfigError, match=re.escape(f"GearConfig.key_bits={bits} is invalid (method 'kivi'): "
+                                                        f"allowed one of {allowed}")):
+        GearConfig(method="kivi", backbone=backbone, bits=bits)
 
 
 SHARED_BAD = [  # options of every method: the message names no method
-    ("method", "quant", "one of none, kivi, gear-l, gear"),
-    ("method", "GEAR", "one of none, kivi, gear-l, gear"),
-    ("kernel", "cuda", "one of auto, triton, torch"),
+    ("method", "quant", f"one of {', '.join(METHODS)}"),
+    ("method", "GEAR", f"one of {', '.join(METHODS)}"),
+    ("kernel", "cuda", f"one of {', '.join(KERNELS)}"),
     ("buffer_size", 0, "an integer >= 1"),
     ("seed", -1, "an integer >= 0"),
 ]
@@ -66,7 +78,7 @@ CODEC_BAD = [  # a codec's own options: the message names the method
     ("bits", "2", "one of 2, 3, 4, 8"),
     ("key_bits", 1, "one of 2, 3, 4, 8"),
     ("value_bits", 6, "one of 2, 3, 4, 8"),
-    ("backbone", "kv", "one of kivi, kcvt, flexgen"),
+    ("backbone", "kv", f"one of {', '.join(QUANTIZERS)}"),
     ("rotation", "random", "one of none, hadamard"),
     ("sink_tokens", -1, "an integer >= 0"),
     ("sink_tokens", 4.0, "an integer >= 0"),
@@ -93,11 +105,14 @@ def test_bad_shared_value_names_field_value_and_what_is_allowed(field, value, al
     assert str(raised.value) == f"GearConfig.{field}={value!r} is invalid: allowed {allowed}"
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("field, value, allowed", CODEC_BAD)
+# each bad value, for every method that takes its option (the others refuse the option itself:
+# test_unused_option_is_refused_naming_method_and_option)
+CODEC_BAD_CASES = [(method, field, value, allowed) for method in METHODS for field, value, allowed in CODEC_BAD
+                   if field in CODECS[method].options()]
+
+
+@pytest.mark.parametrize("method, field, value, allowed", CODEC_BAD_CASES)
 def test_bad_codec_value_names_method_field_value_and_what_is_allowed(method, field, value, allowed):
-    if field not in CODECS[method].options():
-        return  # refused as unused instead: see test_unused_option_is_refused_naming_method_and_option
     with pytest.raises(GearConfigError) as raised:
         GearConfig(method=method, **{field: value})
     assert str(raised.value) == f"GearConfig.{field}={value!r} is invalid (method {method!r}): allowed {allowed}"
@@ -109,6 +124,14 @@ def test_every_codec_option_has_a_bad_value_case():
 
 UNUSED = [(method, option) for method in METHODS for option in GearConfig.field_names()
           if option != "method" and option not in SHARED and option not in CODECS[method].options()]
+
+
+def test_every_method_and_codec_option_is_checked_one_way():
+    """Each (method, codec option) pair is either a bad value the method refuses or an option it
+    does not use: together the two tests cover every method with every option."""
+    taken = {(method, field) for method, field, _, _ in CODEC_BAD_CASES}
+    pairs = {(method, option) for method in METHODS for option in option_types()}
+    assert taken | set(UNUSED) == pairs and not taken & set(UNUSED)
 
 
 def test_every_method_but_gear_refuses_something():
@@ -149,17 +172,25 @@ def test_defaults_are_not_given_options(method):
 
 
 def test_key_and_value_bits_default_to_bits():
-    assert (GearConfig(bits=4).key_bits, GearConfig(bits=4).value_bits) == (4, 4)
+    assert (GearConfig(bits=4).codec.key_bits, GearConfig(bits=4).codec.value_bits) == (4, 4)
     config = GearConfig(bits=4, value_bits=2)
     assert (config.codec.bits_for("key"), config.codec.bits_for("value")) == (4, 2)
     assert GearConfig(bits=3) == GearConfig(bits=3, key_bits=3)
 
 
-def test_codec_options_read_through_and_others_do_not():
-    assert GearConfig(method="gear-l", rank_chunk=1).rank_chunk == 1
-    assert GearConfig(method="kivi").rank(prompt=True) == 0
-    with pytest.raises(AttributeError, match="method 'kivi'.* no option 'rank_prompt'"):
-        GearConfig(method="kivi").rank_prompt  # noqa: B018
+@pytest.mark.parametrize("method", METHODS)
+def test_codec_options_are_read_from_the_codec_only(method):
+    """config.codec holds the method's options; GearConfig itself has none of them, so no
+    attribute exists for some methods only."""
+    config = GearConfig(method=method)
+    assert all(hasattr(config.codec, option) for option in CODECS[method].options())
+    assert [option for option in option_types() if hasattr(config, option)] == []
+    if not config.uses_lowrank:
+        assert config.rank(prompt=True) == config.rank(prompt=False) == 0
+
+
+def test_options_given_reach_the_codec():
+    assert GearConfig(method="gear-l", rank_chunk=1).codec.rank_chunk == 1
 
 
 def test_the_default_dict_keeps_its_old_keys_and_values():
@@ -182,7 +213,9 @@ def test_config_error_is_a_value_error():
 
 def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
-        GearConfig().bits = 4
+        GearConfig().buffer_size = 4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        GearConfig().codec.bits = 4
 
 
 def test_from_options_parses_command_line_strings():
@@ -209,19 +242,21 @@ def test_from_options_round_trips_as_dict_for_every_method_and_backbone(method, 
     assert GearConfig.from_options(json.loads(json.dumps(config.as_dict()))) == config  # as a results file holds it
 
 
-@pytest.mark.parametrize("method", [m for m, _ in BACKBONE_CASES if _ == "kcvt"])
-def test_kcvt_takes_no_group_size(method):
-    """kcvt groups keys over the whole chunk and values over the whole vector: a group_size would be ignored."""
-    message = (f"GearConfig.group_size=32 is invalid (method {method!r}): backbone 'kcvt' groups keys over the whole "
-               "chunk and values over the whole vector, so it takes no group_size; drop it, or use backbone kivi or flexgen")
+@pytest.mark.parametrize("method, backbone", [(m, b) for m, b in BACKBONE_CASES if not QUANTIZERS[b].grouped])
+def test_a_backbone_without_groups_takes_no_group_size(method, backbone):
+    """kcvt groups keys over the whole chunk and values over the whole vector, turboquant has no
+    groups: a group_size would be ignored."""
+    sized = " or ".join(b for b in BACKBONES if QUANTIZERS[b].grouped)
+    message = (f"GearConfig.group_size=32 is invalid (method {method!r}): backbone {backbone!r} has no groups to "
+               f"size, so it takes no group_size; drop it, or use backbone {sized}")
     with pytest.raises(GearConfigError) as raised:
-        GearConfig(method=method, backbone="kcvt", group_size=32)
+        GearConfig(method=method, backbone=backbone, group_size=32)
     assert str(raised.value) == message
     with pytest.raises(GearConfigError, match=re.escape(message)):
-        GearConfig.from_options({"method": method, "backbone": "kcvt", "group_size": "32"})
-    assert GearConfig(method=method, backbone="kcvt").group_size is None
+        GearConfig.from_options({"method": method, "backbone": backbone, "group_size": "32"})
+    assert GearConfig(method=method, backbone=backbone).codec.group_size is None
     assert GearConfig(method=method, backbone="kcvt") != GearConfig(method=method)  # kivi's group is 64
-    assert GearConfig(method=method, backbone="flexgen").group_size == 64
+    assert GearConfig(method=method, backbone="flexgen").codec.group_size == 64
 
 
 def test_from_options_unknown_key_lists_valid_ones():

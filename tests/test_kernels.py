@@ -23,7 +23,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("Triton kernels on CPU need TRITON_INTERPRET=1 (tests/conftest.py sets it)", allow_module_level=True)
 pytest.importorskip("triton")
 
-from gear_kernels import GearConfig, compress, decompress, resolve_kernel  # noqa: E402
+from gear_kernels import GearConfig, decompress, resolve_kernel  # noqa: E402
 from gear_kernels import dispatch  # noqa: E402
 from gear_kernels.codecs import CODECS  # noqa: E402
 from gear_kernels.quantizers import QUANTIZERS  # noqa: E402
@@ -31,6 +31,7 @@ from gear_kernels import triton_attention as ta  # noqa: E402
 from gear_kernels import triton_device as td  # noqa: E402
 from gear_kernels import triton_quantize as tq  # noqa: E402
 from gear_kernels.attention_reference import decode_attention_torch  # noqa: E402
+from gear_kernels.chunk import compress as compress_torch  # noqa: E402
 from gear_kernels.store import KVStore, SinkPart  # noqa: E402
 
 # relative error (max |out - ref| / max |ref|) allowed per model dtype; bf16 also absorbs the
@@ -71,8 +72,8 @@ def assert_same_chunk(a, b) -> None:
 
 
 def compress_triton(x, config, kind, rank=None):
-    """compress with the quantizer's Triton encode (triton_quantize.quantize_pack)."""
-    return compress(x, config, kind, rank, kernel="triton")
+    """chunk.compress with the quantizer's Triton encode (triton_quantize.quantize_pack)."""
+    return compress_torch(x, config, kind, rank, kernel="triton")
 
 
 # ---------------------------------------------------------------- quantize + pack
@@ -95,11 +96,11 @@ QUANT_CASES = [  # backbone, bits, batch, tokens, head_dim, dtype, group_size
 
 @pytest.mark.parametrize("backbone,bits,batch,tokens,dim,dtype,group", QUANT_CASES)
 def test_quantize_pack_matches_reference_bitwise(backbone, bits, batch, tokens, dim, dtype, group):
-    """Codes, scales, zero points and outliers: the same bits as gear_kernels.compress."""
+    """Codes, scales, zero points and outliers: the same bits as the torch reference."""
     config = GearConfig(method="gear", bits=bits, backbone=backbone, group_size=group, rank_prompt=0)
     for kind, seed in (("key", 1), ("value", 2)):
         x = kv(batch, 2, tokens, dim, dtype, seed + bits, kind)
-        assert_same_chunk(compress_triton(x, config, kind), compress(x, config, kind))
+        assert_same_chunk(compress_triton(x, config, kind), compress_torch(x, config, kind))
 
 
 QUANTIZE_PACK_CASES = [  # bits, rows, tokens, head_dim, dtype, group, per_channel
@@ -159,9 +160,9 @@ def test_compress_with_lowrank_matches_reference(method, backbone, bits, kind, d
     iteration: the same factors, bitwise, on every device."""
     config = GearConfig(method=method, bits=bits, backbone=backbone, rank_prompt=3)
     x = kv(2, 2, 83, dim, dtype, 5, kind)
-    assert_same_chunk(compress_triton(x, config, kind), compress(x, config, kind))
+    assert_same_chunk(compress_triton(x, config, kind), compress_torch(x, config, kind))
     int8 = GearConfig(method=method, bits=bits, backbone=backbone, rank_prompt=3, lowrank_dtype="int8")
-    assert_same_chunk(compress_triton(x, int8, kind), compress(x, int8, kind))
+    assert_same_chunk(compress_triton(x, int8, kind), compress_torch(x, int8, kind))
 
 
 def test_quantize_edge_cases_match_reference():
@@ -169,16 +170,16 @@ def test_quantize_edge_cases_match_reference():
     config = GearConfig(method="gear", bits=2, group_size=4, outlier_ratio=0.5, rank_prompt=0)
     const = torch.full((1, 1, 9, 16), -3.25, dtype=torch.float16, device=DEVICE)
     for kind in ("key", "value"):
-        assert_same_chunk(compress_triton(const, config, kind), compress(const, config, kind))
+        assert_same_chunk(compress_triton(const, config, kind), compress_torch(const, config, kind))
         x = kv(1, 1, 5, 16, torch.float16, 3, kind)
-        assert_same_chunk(compress_triton(x, config, kind), compress(x, config, kind))
+        assert_same_chunk(compress_triton(x, config, kind), compress_torch(x, config, kind))
         one = kv(1, 2, 1, 16, torch.bfloat16, 4, kind)
-        assert_same_chunk(compress_triton(one, config, kind), compress(one, config, kind))
+        assert_same_chunk(compress_triton(one, config, kind), compress_torch(one, config, kind))
     # the largest fp16 values quantize (scale rounded up to exactly 65504 / 3 is fine)
     near = torch.tensor([-65504.0, 65504.0, 0.0, 1.0] * 4, dtype=torch.float16, device=DEVICE).reshape(1, 1, 4, 4)
     plain = GearConfig(method="kivi", bits=2, group_size=4)
     for kind in ("key", "value"):
-        assert_same_chunk(compress_triton(near, plain, kind), compress(near, plain, kind))
+        assert_same_chunk(compress_triton(near, plain, kind), compress_torch(near, plain, kind))
 
 
 def test_dispatch_compress_picks_the_triton_encode():
@@ -194,10 +195,10 @@ def test_dispatch_compress_picks_the_triton_encode():
     config = GearConfig(method="gear", bits=2, group_size=4)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tq, "quantize_pack", counted)
-        assert_same_chunk(dispatch.compress(x, config, "key", kernel="triton"), compress(x, config, "key"))
+        assert_same_chunk(dispatch.compress(x, config, "key", kernel="triton"), compress_torch(x, config, "key"))
         assert len(calls) == 1
         assert_same_chunk(dispatch.compress(x, GearConfig(method="gear", bits=2, group_size=4, kernel="triton"), "key"),
-                          compress(x, config, "key"))
+                          compress_torch(x, config, "key"))
         assert len(calls) == 2
         dispatch.compress(x, config, "key", kernel="torch")
         assert len(calls) == 2
@@ -208,7 +209,7 @@ def test_quantize_refuses_what_the_reference_refuses():
     big = torch.full((1, 1, 4, 16), 1e6, device=DEVICE)
     big[..., 0, 0] = -1e6
     with pytest.raises(ValueError, match="fp16 range"):
-        compress(big, GearConfig(method="kivi"), "value")
+        compress_torch(big, GearConfig(method="kivi"), "value")
     with pytest.raises(ValueError, match="fp16 range"):
         compress_triton(big, GearConfig(method="kivi"), "value")
     bad = kv(1, 1, 4, 16, torch.float16, 0, "key")
@@ -219,7 +220,7 @@ def test_quantize_refuses_what_the_reference_refuses():
 
 # ---------------------------------------------------------------- decode attention
 
-def make_store(config, batch, heads, dim, dtype, prompt, chunks, seed, compressor=compress, end=None):
+def make_store(config, batch, heads, dim, dtype, prompt, chunks, seed, compressor=compress_torch, end=None):
     """A KVStore: prompt[b] tokens of row b (0: none; None: no prompt part) compressed row by
     row at the prompt rank, ending at position `end` (default: the longest row's end), then
     `chunks` streamed chunks of buffer_size tokens at the chunk rank."""
@@ -469,10 +470,10 @@ def test_torch_reference_is_attention_over_the_decompressed_cache(q_len, with_si
     gen = lambda n, seed, kind: kv(1, 2, n, 16, torch.float32, seed, kind)  # noqa: E731
     rows_k = [gen(9, 1, "key"), None, gen(20, 2, "key")]
     rows_v = [gen(9, 3, "value"), None, gen(20, 4, "value")]
-    rows_k = [None if x is None else compress(x, config, "key") for x in rows_k]
-    rows_v = [None if x is None else compress(x, config, "value") for x in rows_v]
-    chunks_k = [compress(kv(3, 2, 8, 16, torch.float32, 10 + i, "key"), config, "key", 2) for i in range(2)]
-    chunks_v = [compress(kv(3, 2, 8, 16, torch.float32, 20 + i, "value"), config, "value", 2) for i in range(2)]
+    rows_k = [None if x is None else compress_torch(x, config, "key") for x in rows_k]
+    rows_v = [None if x is None else compress_torch(x, config, "value") for x in rows_v]
+    chunks_k = [compress_torch(kv(3, 2, 8, 16, torch.float32, 10 + i, "key"), config, "key", 2) for i in range(2)]
+    chunks_v = [compress_torch(kv(3, 2, 8, 16, torch.float32, 20 + i, "value"), config, "value", 2) for i in range(2)]
     sinks = None  # the second row: sinks only
     if with_sinks:
         sinks = tuple([kv(1, 2, n, 16, torch.float32, 30 + b + 5 * side, kind) for b, n in enumerate((2, 3, 1))]

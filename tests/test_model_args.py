@@ -155,7 +155,7 @@ def test_no_transformers_argument_is_mistaken_for_a_gear_option():
 @pytest.mark.parametrize(("raw", "bits"), [(2.0, 2), (" 2", 2), ("4.0", 4), (8, 8)])
 def test_integral_numbers_are_integers(raw, bits):
     """lm-eval parses `bits=2.0` and `bits= 2` into the float 2.0."""
-    assert split_model_args({"bits": raw})[0].bits == bits
+    assert split_model_args({"bits": raw})[0].codec.bits == bits
     assert split_model_args({"buffer_size": raw})[0].buffer_size == bits
 
 

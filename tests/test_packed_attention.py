@@ -1,4 +1,4 @@
-"""The packed attention path (kernel=triton, here under TRITON_INTERPRET) against the torch path
+"""The packed Triton path (kernel=triton, here under TRITON_INTERPRET) against the rebuilt path
 and against each prompt run alone: left-padded batches of prompts of different lengths, several
 flushes, GQA 1 and 4, fp32/fp16/bf16 models, Gemma-2 style sliding layers."""
 
@@ -19,7 +19,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 def _pair(arch: str, dtype: torch.dtype, **overrides):
-    """The same weights twice: one attends as usual (torch path), one through use_gear_attention."""
+    """The same weights twice: one attends as usual (the rebuilt path), one through use_gear_attention."""
     plain, _ = tiny_model(arch, **overrides)
     packed, _ = tiny_model(arch, **overrides)
     use_gear_attention(packed)
@@ -66,8 +66,8 @@ def test_triton_equals_torch_equals_each_prompt_alone(arch, dtype, overrides):
 
 @pytest.mark.parametrize("method", ["kivi", "gear"])
 def test_a_rotated_store_attends_alike_on_both_paths(method):
-    """rotation=hadamard: Triton attends in the rotated basis (query and buffer rotated, output
-    rotated back), the torch path over keys and values rotated back; the same logits."""
+    """rotation=hadamard: packed Triton attends in the rotated basis (query and buffer rotated,
+    output rotated back), the rebuilt path over keys and values rotated back; the same logits."""
     plain, packed = _pair("llama", torch.float32)
     ids, mask = left_padded([prompts(1, n, seed=n)[0] for n in (13, 5, 22)])
     continuation = prompts(3, 11, seed=7)
@@ -97,7 +97,7 @@ def test_triton_without_packed_attention_is_refused():
 
 def test_a_padded_batch_the_cache_does_not_know_is_refused():
     """A plain forward passes no position ids: a cache built without the mask compressed the pads
-    as tokens, and the packed path says so rather than attend to them."""
+    as tokens, and the packed Triton path says so rather than attend to them."""
     _, packed = _pair("llama", torch.float32)
     ids, mask = left_padded([prompts(1, 9, seed=1)[0], prompts(1, 4, seed=2)[0]])
     cache = GearCache(GearConfig(**SETTINGS, kernel="triton"), packed.config)  # no mask
@@ -131,9 +131,9 @@ def test_stand_ins_without_their_store_raise():
 
 @pytest.mark.parametrize("options", [dict(method="gear"), dict(method="kivi", rotation="hadamard")], ids=str)
 def test_sinks_attend_alike_on_both_paths_and_alone(options):
-    """sink_tokens: the Triton path reads the exact sinks ahead of the buffer, a row with fewer
-    of them (the 5-token prompt, all sinks) starting past its empty slots; the torch path
-    places them in its rebuilt keys and values. Same logits, and each prompt alike alone."""
+    """sink_tokens: the packed Triton path reads the exact sinks ahead of the buffer, a row with
+    fewer of them (the 5-token prompt, all sinks) starting past its empty slots; the rebuilt path
+    places them in its working copy. Same logits, and each prompt alike alone."""
     options = dict(options, sink_tokens=6)
     plain, packed = _pair("llama", torch.float32)
     rows = [prompts(1, n, seed=n)[0] for n in (13, 5, 22)]

@@ -82,7 +82,7 @@ def test_rotation_belongs_to_the_quantizing_methods():
     from gear_kernels import GearConfig, GearConfigError
 
     for method in ("kivi", "gear-l", "gear"):
-        assert GearConfig.from_options({"method": method, "rotation": "hadamard"}).rotation == "hadamard"
+        assert GearConfig.from_options({"method": method, "rotation": "hadamard"}).codec.rotation == "hadamard"
     with pytest.raises(GearConfigError, match="method 'none' does not use rotation"):
         GearConfig.from_options({"method": "none", "rotation": "hadamard"})
     with pytest.raises(GearConfigError, match="rotation='qr'"):

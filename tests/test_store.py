@@ -66,7 +66,7 @@ def _expected(rows, chunks, side: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{c.bits}-{c.backbone}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{c.codec.bits}-{c.codec.backbone}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dense_is_decompress_bit_for_bit(config, dtype):
     store, rows, chunks = _store(config, dtype=dtype)
@@ -82,7 +82,7 @@ def _segments(rows, chunks, side: int) -> list[tuple]:
     return out + [(c[side], b, b, end + i * size) for i, c in enumerate(chunks) for b in range(len(PROMPT))]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{c.bits}-{c.backbone}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{c.codec.bits}-{c.codec.backbone}")
 def test_the_store_keeps_what_compress_stored(config):
     store, rows, chunks = _store(config)
     # entry for entry: each segment's slice of every field is its chunk row's tensor
