@@ -21,7 +21,8 @@ Figures, averaged over the prompts:
   RESERVE of it to spare).
 
 The grid sweeps the project's codecs over bits, groups, ranks, outlier ratios, rotation and
-sinks; the peers are TurboQuant (fused-turboquant's TurboQuantMSE, CPU path, given GEAR's
+sinks, and its quantizers (uniform kivi codes, and turboquant's codebook alone and under GEAR's
+corrections); the peers are TurboQuant (fused-turboquant's TurboQuantMSE, CPU path, given GEAR's
 streaming buffer; see benchmarks/turboquant_cache.py) and transformers' QuantizedCache with
 quanto and HQQ. For each budget, the pick is the project config with the lowest KL among those
 that fit it; it is written, with the best peer under the same budget, to `--json`
@@ -96,6 +97,16 @@ def project_grid() -> list[dict]:
                      group_size=[80, 128], rotation=["hadamard"], sink_tokens=[1])
     grid += _product(method=["gear"], bits=[2], outlier_ratio=[0.005], rank_prompt=[0, 1], lowrank_dtype=["int8"],
                      outlier_dtype=["fp16"], group_size=[128], rotation=["none", "hadamard"], sink_tokens=[1])
+    # the TurboQuant quantizer (a codebook for rotated coordinates, one norm a vector; rotated by
+    # default), alone as the peer's twin, unrotated, key-heavy, with a sink, and under GEAR's corrections
+    grid += _product(method=["kivi"], backbone=["turboquant"], bits=[2, 3, 4], rotation=rotations)
+    grid += _product(method=["kivi"], backbone=["turboquant"], key_bits=[3, 4], value_bits=[2])
+    grid += _product(method=["kivi"], backbone=["turboquant"], bits=[2, 3], sink_tokens=[1])
+    grid += _product(method=["gear-l"], backbone=["turboquant"], bits=[2, 3], rank_prompt=[1], lowrank_dtype=["int8"])
+    grid += _product(method=["gear"], backbone=["turboquant"], bits=[2, 3], outlier_ratio=[0.005], rank_prompt=[0, 1],
+                     lowrank_dtype=["int8"], outlier_dtype=["fp16"])
+    grid += _product(method=["gear"], backbone=["turboquant"], bits=[2], outlier_ratio=[0.005], rank_prompt=[1],
+                     lowrank_dtype=["int8"], outlier_dtype=["fp16"], sink_tokens=[1])
     for g in grid:
         if "rank_prompt" in g:
             g["rank_chunk"] = g["rank_prompt"]

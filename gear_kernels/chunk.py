@@ -114,10 +114,9 @@ def compress(x: torch.Tensor, config: GearConfig, kind: str, rank: int | None = 
 
 def _aligned(coded: dict[str, torch.Tensor], quantizer: Quantizer, tokens: int) -> dict[str, torch.Tensor]:
     """A slice's quantizer fields (R, items, ...) -> one item a token (R, T, ...)."""
-    group = quantizer.token_group(tokens)
-    item = torch.arange(tokens, device=next(iter(coded.values())).device) // max(group, 1)
-    return {f.name: coded[f.name].index_select(1, item) if f.axis == "group" else coded[f.name]
-            for f in quantizer.fields}
+    token = torch.arange(tokens, device=next(iter(coded.values())).device)
+    item = {"token": token, "group": token // max(quantizer.token_group(tokens), 1), "segment": token * 0}
+    return {f.name: coded[f.name].index_select(1, item[f.axis]) for f in quantizer.fields}
 
 
 def rebuild(quantizer: Quantizer, aligned: dict[str, torch.Tensor], factors: tuple | None, head_dim: int,

@@ -132,12 +132,13 @@ class Packed:
         return segment, torch.arange(len(segment)) - _exclusive(self.tokens)[segment]
 
     def _token_aligned(self, name: str, axis: str, segment: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        """Field `name` (H, entries) -> one item a token, (H, N, inner): a 'token' or 'group' field."""
+        """A field of the quantizer (H, entries) -> one item a token, (H, N, inner)."""
         t = self.data[name]
         group = self.groups.clamp(min=1)
-        inner = int((self.counts[name] // (self.tokens if axis == "token" else -(-self.tokens // group))).max())
-        items = local // group[segment] if axis == "group" else local
-        where = (self.offsets[name][segment] + items * inner)[:, None] + torch.arange(inner)  # (N, inner)
+        per_segment = {"token": self.tokens, "group": -(-self.tokens // group), "segment": torch.ones_like(self.tokens)}
+        item = {"token": local, "group": local // group[segment], "segment": torch.zeros_like(local)}
+        inner = int((self.counts[name] // per_segment[axis]).max())  # the quantizer's: the same in every segment
+        where = (self.offsets[name][segment] + item[axis] * inner)[:, None] + torch.arange(inner)  # (N, inner)
         return t[:, where.to(t.device)]
 
     def _factors(self, segment: torch.Tensor, local: torch.Tensor) -> tuple:

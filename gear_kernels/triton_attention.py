@@ -499,22 +499,21 @@ def decode_attention_triton(
         kb_, vb_ = k_buf.contiguous(), v_buf.contiguous()
     else:
         kb_ = vb_ = q
-    ref = keys if keys is not None else None
     m_tot = nrb * rows
     scratch = torch.full if POISON else (lambda shape, _fill, **kw: torch.empty(shape, **kw))
     m = scratch((n_work, p.kv_heads, m_tot), float("nan"), dtype=torch.float32, device=dev)
     l = scratch((n_work, p.kv_heads, m_tot), float("nan"), dtype=torch.float32, device=dev)
     acc = scratch((n_work, p.kv_heads, m_tot, d_p), float("nan"), dtype=torch.float32, device=dev)
-    has_lr = ref is not None and "lowrank_a" in ref.data
-    has_out = ref is not None and "outlier_index" in ref.data
+    has_lr = keys is not None and "lowrank_a" in keys.data
+    has_out = keys is not None and "outlier_index" in keys.data
     _attend_kernel[(n_work, p.kv_heads * nrb)](
         q, m, l, acc, work.to(dev), segments, fields, kb_, vb_, lead.to(dev, torch.int64),
         n_buf, p.head_dim, p.kv_heads, p.q_len, p.ratio, rows_total, nrb, float(scale) * LOG2E, *k_ints.values(),
         *v_ints.values(), **k_flags, **v_flags,
-        HAS_LR=has_lr, LR_T=TL_DTYPES[ref.data["lowrank_a"].dtype] if has_lr else tl.float16,
-        LR_Q=has_lr and "lowrank_a_scale" in ref.data, HAS_OUT=has_out,
-        IDX_T=TL_DTYPES[ref.data["outlier_index"].dtype] if has_out else tl.int32,
-        VAL_T=TL_DTYPES[ref.data["outlier_values"].dtype] if has_out else tl.float16,
+        HAS_LR=has_lr, LR_T=TL_DTYPES[keys.data["lowrank_a"].dtype] if has_lr else tl.float16,
+        LR_Q=has_lr and "lowrank_a_scale" in keys.data, HAS_OUT=has_out,
+        IDX_T=TL_DTYPES[keys.data["outlier_index"].dtype] if has_out else tl.int32,
+        VAL_T=TL_DTYPES[keys.data["outlier_values"].dtype] if has_out else tl.float16,
         CAUSAL=p.q_len > 1, ROWS=rows, BLOCK_N=block_n, D_P=d_p, R_P=max(16, _pow2(rank)), R_G=max(2, _pow2(rank)),
         BLOCK_O=block_o, BUCKET=BUCKET, DOT=dot, PREC=prec,
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],

@@ -37,7 +37,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 from gear_kernels import GearConfig, compress, decompress, resolve_kernel
 from gear_kernels.rotation import check_head_dim, hadamard_signs, rotate, rotation_of, unrotate
-from gear_kernels.store import KVStore, SinkPart
+from gear_kernels.store import STORED, KVStore, SinkPart
 
 from .attention import PackedKV, hand_over, uses_gear_attention
 
@@ -490,7 +490,7 @@ class GearCache(Cache):
         }
 
 
-COMPONENTS = ("codes", "scales", "outliers", "lowrank", "sinks", "buffer")
+COMPONENTS = (*STORED, "buffer")  # what a memory report counts: the stores' components, the exact buffer
 
 
 def _layer_report(layer: CacheLayerMixin) -> dict:

@@ -39,7 +39,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import normalize_gen_kwargs
 from tqdm import tqdm
 
-from gear_kernels import CompressedChunk, GearConfig, GearConfigError, compress, resolve_kernel
+from gear_kernels import GearConfig, GearConfigError, compress, resolve_kernel
 
 from . import registration
 from .attention import use_gear_attention
@@ -471,8 +471,8 @@ def oversize_warning(config: GearConfig, head_dim: int, dtype: torch.dtype) -> s
     x = torch.randn(1, 1, config.buffer_size, head_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
     # the torch reference, on this CPU tensor whatever config.kernel says: Triton stores the same
     chunks = [compress(x, config, kind, config.rank(prompt=False), kernel="torch") for kind in ("key", "value")]
-    bits = {part: 4 * sum(chunk.nbytes(by_component=True)[part] for chunk in chunks) / x.numel()
-            for part in CompressedChunk.COMPONENTS}  # 8 * bytes / (2 * numel): keys and values
+    bits = {part: 4 * sum(chunk.nbytes(by_component=True).get(part, 0) for chunk in chunks) / x.numel()
+            for part in COMPONENTS}  # 8 * bytes / (2 * numel): keys and values
     stored, dense = sum(bits.values()), 8 * dtype.itemsize
     if stored <= dense:
         return None

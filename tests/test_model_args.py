@@ -13,6 +13,7 @@ import torch
 
 from gear_kernels import GearConfig, GearConfigError
 from gear_kernels.codecs import CODECS
+from gear_kernels.quantizers import QUANTIZERS
 from lm_eval_gear import registration
 from lm_eval_gear.model_args import GEAR_OPTIONS, OPTIONS, check_model_args, response_cache_tag, split_model_args
 from lm_eval_gear.smollm2 import GGUF_FILE, smollm2_dir
@@ -59,7 +60,7 @@ def test_hflm_and_from_pretrained_arguments_pass_through():
         ({"method": "gaer"}, "GearConfig.method='gaer' is invalid: allowed one of none, kivi, gear-l, gear"),
         ({"method": None}, "GearConfig.method=None is invalid: allowed one of none, kivi, gear-l, gear"),
         ({"backbone": "per_token"},
-         "GearConfig.backbone='per_token' is invalid (method 'gear'): allowed one of kivi, kcvt, flexgen"),
+         f"GearConfig.backbone='per_token' is invalid (method 'gear'): allowed one of {', '.join(QUANTIZERS)}"),
         ({"outlier_ratio": 1.5}, "GearConfig.outlier_ratio=1.5 is invalid (method 'gear'): allowed a number in [0, 1)"),
         ({"group_size": 0}, "GearConfig.group_size=0 is invalid (method 'gear'): allowed an integer >= 1"),
         ({"method": "kivi", "rank_prompt": "8"}, "method 'kivi' does not use rank_prompt; it takes bits, backbone, "

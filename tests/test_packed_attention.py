@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gear_kernels.quantizers import QUANTIZERS
 from lm_eval_gear import GearCache, GearConfig, use_gear_attention
 from lm_eval_gear.attention import gear_attention, hand_over
 from lm_eval_gear.compat import cache_kwarg
@@ -149,3 +150,16 @@ def test_sinks_attend_alike_on_both_paths_and_alone(options):
         assert (alone[0] - torch_path[b]).abs().max() / scale < TOL[torch.float32], f"row {b}"
     without = _forced(plain, ids, mask, continuation, "torch", **dict(options, sink_tokens=0))
     assert (without - torch_path).abs().max() / scale > 100 * TOL[torch.float32]  # the sinks did something
+
+
+@pytest.mark.parametrize("backbone", list(QUANTIZERS))
+def test_gear_over_every_quantizer_attends_alike_on_both_paths(backbone):
+    """method=gear over each registered quantizer (turboquant: rotated by default, so the cache
+    rotates the queries and the outputs back): the packed Triton path equals the rebuilt path."""
+    options = dict(backbone=backbone, group_size=4 if QUANTIZERS[backbone].grouped else None)
+    plain, packed = _pair("llama", torch.float32)
+    ids, mask = left_padded([prompts(1, n, seed=n)[0] for n in (13, 6)])
+    continuation = prompts(2, 7, seed=3)
+    torch_path = _forced(plain, ids, mask, continuation, "torch", **options)
+    triton_path = _forced(packed, ids, mask, continuation, "triton", **options)
+    assert (triton_path - torch_path).abs().max() <= TOL[torch.float32] * torch_path.abs().max()
