@@ -255,8 +255,12 @@ def rechecked(frontier: dict) -> tuple[list[dict], dict[float, str]]:
 
 
 def _plain_kivi(options: dict | None) -> bool:
-    return options is not None and options["method"] == "kivi" and "bits" in options \
-        and options.get("rotation", "none") == "none"
+    """KIVI as its paper has it: kivi's uniform codes alone, one bit width, no rotation, no sinks."""
+    if options is None:
+        return False
+    codec = GearConfig.from_options(options).codec
+    return options["method"] == "kivi" and codec.backbone == "kivi" and codec.key_bits == codec.value_bits \
+        and codec.rotation == "none" and codec.sink_tokens == 0
 
 
 def table(rows: dict[str, dict]) -> str:

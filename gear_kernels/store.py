@@ -138,6 +138,8 @@ class Packed:
         per_segment = {"token": self.tokens, "group": -(-self.tokens // group), "segment": torch.ones_like(self.tokens)}
         item = {"token": local, "group": local // group[segment], "segment": torch.zeros_like(local)}
         inner = int((self.counts[name] // per_segment[axis]).max())  # the quantizer's: the same in every segment
+        if axis == "token":  # segments lie back to back in token order: a view, no gather
+            return t.reshape(t.shape[0], -1, inner)
         where = (self.offsets[name][segment] + item[axis] * inner)[:, None] + torch.arange(inner)  # (N, inner)
         return t[:, where.to(t.device)]
 
@@ -145,6 +147,14 @@ class Packed:
         """Low-rank A (H, N, r) and B (H, S, D, r) fp32, a segment's columns beyond its own rank 0."""
         rank = self.counts["lowrank_a"] // self.tokens  # (S,)
         r, dev = int(rank.max()), self.data["lowrank_a"].device
+        if int(rank.min()) == r:  # one rank throughout: views, no gather
+            view = lambda name, *lead: self.data[name].reshape(self.data[name].shape[0], *lead, r)  # noqa: E731
+            a, b = view("lowrank_a", -1), view("lowrank_b", self.segments, self.head_dim)
+            if "lowrank_a_scale" in self.data:
+                a_scale = view("lowrank_a_scale", self.segments)[:, segment.to(dev)]
+                b_scale = view("lowrank_b_scale", self.segments, 1)
+                return lowrank.factor(a, a_scale), lowrank.factor(b, b_scale), segment.to(dev)
+            return a.float(), b.float(), segment.to(dev)
         col = torch.arange(r)
 
         def gathered(name: str, first: torch.Tensor, width: torch.Tensor, lead: tuple) -> torch.Tensor:

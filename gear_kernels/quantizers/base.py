@@ -75,6 +75,17 @@ class Quantizer:
         whatever surrounds it (batch invariance)."""
         raise NotImplementedError
 
+    def triton_spec(self, head_dim: int, groups: torch.Tensor, tokens: torch.Tensor, block_n: int) -> dict:
+        """How the decode kernel (triton_attention.py) reads this quantizer's segments (groups,
+        tokens: (S,) of each): {"tile": a @triton.jit function (f0, f1, f2, t0, t_end, D, W, GW,
+        G, BITS, PW, LAYOUT, MODE, BLOCK_N, D_P) -> the (BLOCK_N, D_P) fp32 tile of tokens
+        [t0, t0 + BLOCK_N) < t_end, f0..f2 pointing at the segment's first entry of each of its
+        fields (or at `consts`); "entry": the same for entries (f0, f1, f2, tok, d, mask, W, GW,
+        G, BITS, PW, LAYOUT) (the outliers' approximation); the ints W, GW, CG and constexprs
+        BITS, PW, LAYOUT, MODE it wants; "consts": a tensor it reads beside its fields, or None}.
+        Each must equal `decode` bit for bit."""
+        raise NotImplementedError
+
 
 QUANTIZERS: dict[str, type[Quantizer]] = {}  # name -> class, in registration order
 
