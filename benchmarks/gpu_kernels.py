@@ -16,9 +16,10 @@ The run (about 2 minutes on an H200, most of it Triton compiling):
    gear and kivi at 32k tokens, batch 1 and 32, and repeats the attention checks with it;
 4. times (median of triton.testing.do_bench) at 1k, 8k and 32k cached tokens and batch 1, 8 and
    32 (kv_heads 8, q_heads 32, head_dim 128, fp16, gear 2-bit kivi, a layer store holding every
-   row's compressed prompt, plus a 16-token buffer): decode attention with gear and with kivi
-   (no outliers, no low rank), one launch and a merge whatever the batch,
-   gear's torch path (attention_reference, what kernel=torch runs), torch SDPA over an fp16
+   row's compressed prompt, plus a 16-token buffer): decode attention with gear, with kivi
+   (no outliers, no low rank) and with turboquant alone (`kivi/turboquant`: method kivi over
+   the turboquant quantizer), one launch and a merge whatever the batch,
+   gear's packed torch path (attention_reference, what kernel=torch runs), torch SDPA over an fp16
    cache of the same length, and the quantize+pack kernels (triton_quantize.quantize_pack) on the
    prompt's keys. Each time is
    set against the bytes the kernel must move at the measured bandwidth (the "% of copy BW"
@@ -44,7 +45,8 @@ ARGS.add_argument("--quick", action="store_true", help="--compile: only the main
 ARGS.add_argument("--no-tune", action="store_true", help="skip the tile-configuration sweep")
 ARGS.add_argument("--tokens", type=str, default=None, help="comma-separated cached token counts")
 ARGS.add_argument("--batches", type=str, default=None, help="comma-separated batch sizes")
-ARGS.add_argument("--methods", type=str, default="gear,kivi", help="comma-separated methods timed (gear, gear-l, kivi)")
+ARGS.add_argument("--methods", type=str, default="gear,kivi,kivi/turboquant",
+                  help="comma-separated methods timed (gear, gear-l, kivi; method/backbone for another quantizer)")
 OPTS = ARGS.parse_args()
 if OPTS.smoke:  # before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
@@ -248,6 +250,8 @@ def check_attention(small: bool) -> list[tuple[str, bool, str]]:
         ("gear-l", "kcvt", 4, 64, 1, 1, torch.float16, (333, 64), 3, 3),
         ("kivi", "kivi", 8, 64, 3, 1, torch.bfloat16, (300, 129, 64), 1, 7),
         ("gear", "kivi", 2, 128, 4, 1, torch.float16, (2048,), 16, 1),
+        ("gear", "turboquant", 3, 128, 4, 1, torch.float16, (700, 333), 1, 5),
+        ("kivi", "turboquant", 2, 128, 2, 2, torch.bfloat16, (300, 129), 2, 3),
     ]
     if small:
         cases = [(m, bb, b, 64, r, ql, dt, tuple(min(n, 70) for n in pr), min(c, 2), nb)
@@ -285,8 +289,12 @@ class Cache:
         self.config = config
 
     def compressed(self, method: str):
+        """method: a GEAR method, over the 2-bit kivi backbone unless named after a slash
+        ("kivi/turboquant": turboquant alone)."""
         if method not in self.chunks:
-            config = GearConfig(method=method, bits=self.config.codec.bits, backbone=self.config.codec.backbone)
+            name, _, backbone = method.partition("/")
+            config = GearConfig(method=name, bits=self.config.codec.bits,
+                                backbone=backbone or self.config.codec.backbone)
             self.chunks[method] = (compress(self.k, config, "key", kernel="triton"),
                                    compress(self.v, config, "value", kernel="triton"))
         return self.chunks[method]

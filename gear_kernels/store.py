@@ -16,7 +16,7 @@ sinks, sink_tokens).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -140,8 +140,9 @@ class Packed:
         inner = int((self.counts[name] // per_segment[axis]).max())  # the quantizer's: the same in every segment
         if axis == "token":  # segments lie back to back in token order: a view, no gather
             return t.reshape(t.shape[0], -1, inner)
-        where = (self.offsets[name][segment] + item[axis] * inner)[:, None] + torch.arange(inner)  # (N, inner)
-        return t[:, where.to(t.device)]
+        # every segment's items are `inner` entries each, so its offset is a whole number of items
+        where = self.offsets[name][segment] // inner + item[axis]  # (N,) item of each token
+        return t.reshape(t.shape[0], -1, inner)[:, where.to(t.device)]
 
     def _factors(self, segment: torch.Tensor, local: torch.Tensor) -> tuple:
         """Low-rank A (H, N, r) and B (H, S, D, r) fp32, a segment's columns beyond its own rank 0."""
@@ -263,18 +264,29 @@ class KVStore:
     chunks: int = 0  # streamed chunks held
     dropped: int = 0  # streamed chunks dropped from the front
     sinks: SinkPart | None = None
+    # what a reader derives from this store once (triton_attention: its launch tables); replace()
+    # makes a store with an empty one
+    memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def _remembered(self, name: str, compute):
+        """compute(), once a store (attention asks for the same facts at every decode step)."""
+        if name not in self.memo:
+            self.memo[name] = compute()
+        return self.memo[name]
 
     def _prompt_tokens(self) -> torch.Tensor:
-        """(B,) compressed prompt tokens each row holds."""
-        held = torch.zeros(self.batch, dtype=torch.long)
-        if self.keys is not None:
-            prompt = self.keys.starts < self.prompt_end
-            held.index_add_(0, self.keys.rows[prompt], self.keys.tokens[prompt])
-        return held
+        """(B,) compressed prompt tokens each row holds (not to be changed in place)."""
+        def count() -> torch.Tensor:
+            held = torch.zeros(self.batch, dtype=torch.long)
+            if self.keys is not None:
+                prompt = self.keys.starts < self.prompt_end
+                held.index_add_(0, self.keys.rows[prompt], self.keys.tokens[prompt])
+            return held
+        return self._remembered("prompt_tokens", count)
 
     @property
     def has_prompt(self) -> bool:
-        return bool(self._prompt_tokens().any()) or self.sinks is not None
+        return self.sinks is not None or self._remembered("has_prompt", lambda: bool(self._prompt_tokens().any()))
 
     def prompt_lengths(self) -> torch.Tensor:
         """(B,) prompt tokens each row holds (sinks and compressed), on the CPU."""
@@ -340,14 +352,15 @@ class KVStore:
         return self._keep(keep, chunks=self.chunks - n, dropped=self.dropped + n)
 
     def with_dropped(self, n: int) -> KVStore:
-        """This store with n more chunks counted as dropped without ever being stored."""
-        return replace(self, dropped=self.dropped + n)
+        """This store with n more chunks counted as dropped without ever being stored (itself
+        when n is 0: what it has derived stays valid)."""
+        return replace(self, dropped=self.dropped + n) if n else self
 
     def chunk_tokens(self) -> int:
         """Tokens a streamed chunk holds (0 when none is held)."""
         if not self.chunks:
             return 0
-        return int(self.keys.tokens[self.keys.starts >= self.prompt_end][0])
+        return self._remembered("chunk_tokens", lambda: int(self.keys.tokens[self.keys.starts >= self.prompt_end][0]))
 
     def dense(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Keys and values (B, H, held, D) from offset() to the buffer, or None when nothing is held."""

@@ -41,6 +41,8 @@ when CHECK_OUTLIER_ORDER is set, since the check costs a device sync).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -276,6 +278,7 @@ def _attend_kernel(
     else:  # the exact buffer (B, H, NBUF, D), contiguous; row b's starts at its b_lead[b]
         cols = tl.arange(0, BLOCK_N)
         lead = tl.load(b_lead + b)
+        t_hi = tl.minimum(t_hi, NBUF)  # the work list's last split of the buffer may run past it
         base = (b * H + h) * NBUF * D
         for t0 in range(t_lo, t_hi, BLOCK_N):
             tok = t0 + cols
@@ -346,8 +349,7 @@ def _slot_names(side: Packed) -> list[str | None]:
 def _tables(keys: Packed, values: Packed, consts: list) -> tuple[torch.Tensor, torch.Tensor]:
     """fields (2, 2, N_SLOTS) int64: each side's field pointers and head strides (a quantizer's
     constant tensor, if any, in its first free slot, stride 0); segments (S, 2 + 2 * SIDE):
-    row, tokens, then per side token group, rank and each slot's offset."""
-    dev = next(iter(keys.data.values())).device
+    row, tokens, then per side token group, rank and each slot's offset. On the CPU."""
     fields = torch.zeros(2, 2, len(SLOTS), dtype=torch.int64)
     segments = torch.zeros(keys.segments, 2 + 2 * SIDE, dtype=torch.int64)
     segments[:, 0], segments[:, 1] = keys.rows, keys.tokens
@@ -362,31 +364,32 @@ def _tables(keys: Packed, values: Packed, consts: list) -> tuple[torch.Tensor, t
                 segments[:, col + 2 + slot] = side.offsets[name]
             elif const is not None and slot < QUANT_SLOTS:
                 fields[i, 0, slot], const = const.data_ptr(), None
-    return fields.to(dev), segments.to(dev)
+    return fields, segments
 
 
-def _work(store: KVStore | None, batch: int, n_buf: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Work items (n, 4) int64: row, segment (-1: the buffer), first and end token; sorted by row,
-    with cu_work (batch + 1,) the first item of each row (as cu_seqlens)."""
-    items = []
-    if store is not None and store.keys is not None:
-        tokens = store.keys.tokens
-        pieces = -(-tokens // split)  # (S,)
-        segment = torch.repeat_interleave(torch.arange(len(tokens)), pieces)
-        first = (torch.arange(len(segment)) - _exclusive(pieces)[segment]) * split
-        items.append(torch.stack([store.keys.rows[segment], segment, first,
-                                  torch.minimum(first + split, tokens[segment])], 1))
-    if n_buf:
-        pieces = -(-n_buf // split)
-        first = torch.arange(pieces) * split
-        one = torch.stack([torch.full_like(first, -1), first, (first + split).clamp(max=n_buf)], 1)
-        rows = torch.arange(batch).repeat_interleave(pieces)
-        items.append(torch.cat([rows[:, None], one.repeat(batch, 1)], 1))
-    work = torch.cat(items)
+def _work(rows: torch.Tensor, tokens: torch.Tensor, batch: int, buffer_pieces: int, split: int
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Work items (n, 4) int64: row, segment (-1: the buffer), first and end token (the kernel
+    stops the buffer's at its length); sorted by row, with cu_work (batch + 1,) the first item of
+    each row (as cu_seqlens). rows, tokens (S,): the store's segments (empty: none). On the CPU."""
+    pieces = -(-tokens // split)  # (S,)
+    segment = torch.repeat_interleave(torch.arange(len(tokens)), pieces)
+    first = (torch.arange(len(segment)) - _exclusive(pieces)[segment]) * split
+    stored = torch.stack([rows[segment], segment, first, torch.minimum(first + split, tokens[segment])], 1)
+    first = torch.arange(buffer_pieces) * split
+    one = torch.stack([torch.full_like(first, -1), first, first + split], 1)
+    buffered = torch.cat([torch.arange(batch).repeat_interleave(buffer_pieces)[:, None], one.repeat(batch, 1)], 1)
+    work = torch.cat([stored, buffered])
     work = work[torch.sort(work[:, 0], stable=True).indices]
     cu = torch.zeros(batch + 1, dtype=torch.int64)
     cu[1:] = torch.cumsum(torch.bincount(work[:, 0], minlength=batch), 0)
     return work, cu
+
+
+def _to(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A small CPU table onto the device without a stream sync (a blocking copy waits for every
+    kernel queued before it, so the host could never run ahead of the GPU)."""
+    return t.to(dev, non_blocking=True)
 
 
 def _check_sorted(side: Packed) -> None:
@@ -423,6 +426,62 @@ def _side_args(prefix: str, side: Packed | None, dim: int, block_n: int) -> tupl
     return ints, flags, spec["consts"]
 
 
+@dataclass(frozen=True)
+class _Launch:
+    """What every launch over one store reads, built once a store (kept in its memo): the tables
+    on the device, each side's kernel arguments, the segments' rows and tokens (CPU) for the
+    work list, and the buffer slots each row skips (its missing sinks)."""
+
+    fields: torch.Tensor
+    segments: torch.Tensor
+    ints: dict
+    flags: dict
+    rows: torch.Tensor
+    tokens: torch.Tensor
+    lead: torch.Tensor
+    consts: tuple  # the quantizers' constant tensors on the device: the tables point into them
+
+
+def _launch(store: KVStore | None, batch: int, dev: torch.device, head_dim: int, block_n: int) -> _Launch:
+    """The store's _Launch for this device and tile (built on the first call)."""
+    memo = {} if store is None else store.memo
+    key = ("triton", dev, block_n)
+    if key in memo:
+        return memo[key]
+    keys = values = None
+    if store is not None and store.keys is not None:
+        keys, values = store.keys, store.values
+        for side in (keys, values):
+            _check_sorted(side)
+            assert all(t.is_contiguous() for t in side.data.values()), "store fields must be contiguous"
+    k_ints, k_flags, k_const = _side_args("K", keys, head_dim, block_n)
+    v_ints, v_flags, v_const = _side_args("V", values, head_dim, block_n)
+    consts = tuple(None if c is None else c.to(dev) for c in (k_const, v_const))
+    if keys is not None:
+        fields, segments = _tables(keys, values, list(consts))
+        rows, tokens = keys.rows, keys.tokens
+    else:
+        fields = torch.zeros(2, 2, len(SLOTS), dtype=torch.int64)
+        segments = torch.zeros(1, 2 + 2 * SIDE, dtype=torch.int64)
+        rows = tokens = torch.zeros(0, dtype=torch.int64)
+    rank = int(segments[:, 3].max()) if keys is not None and "lowrank_a" in keys.data else 1
+    has_lr = keys is not None and "lowrank_a" in keys.data
+    has_out = keys is not None and "outlier_index" in keys.data
+    flags = {**k_flags, **v_flags,
+             "HAS_LR": has_lr, "LR_T": TL_DTYPES[keys.data["lowrank_a"].dtype] if has_lr else tl.float16,
+             "LR_Q": has_lr and "lowrank_a_scale" in keys.data, "HAS_OUT": has_out,
+             "IDX_T": TL_DTYPES[keys.data["outlier_index"].dtype] if has_out else tl.int32,
+             "VAL_T": TL_DTYPES[keys.data["outlier_values"].dtype] if has_out else tl.float16,
+             "R_P": max(16, _pow2(rank)), "R_G": max(2, _pow2(rank))}
+    lead = torch.zeros(batch, dtype=torch.int64)  # (batch,) buffer slots a row skips
+    if store is not None and store.sinks is not None:
+        lead = sinks_before_buffer(store, None, None)[2]
+    launch = _Launch(_to(fields, dev), _to(segments, dev), {**k_ints, **v_ints}, flags, rows, tokens,
+                     _to(lead.long(), dev), consts)
+    memo[key] = launch
+    return launch
+
+
 @td.launches_on_input_device
 def decode_attention_triton(
     q: torch.Tensor,
@@ -439,12 +498,13 @@ def decode_attention_triton(
 
     block_n / split_tokens: tile and split sizes (tests use them to force several tiles and
     splits); by default chosen from the device. out: where to write the result (like q).
+    Nothing here waits for the GPU: the tables are built once a store, and each call copies at
+    most its work list over, without a sync.
     """
     p = check_decode_inputs(q, store, k_buf, v_buf, scale)
     dev = q.device
-    lead = torch.zeros(p.batch, dtype=torch.int64)  # (batch,) buffer slots a row skips
     if store is not None and store.sinks is not None:
-        k_buf, v_buf, lead = sinks_before_buffer(store, k_buf, v_buf)
+        k_buf, v_buf, _ = sinks_before_buffer(store, k_buf, v_buf)
     n_buf = 0 if k_buf is None else k_buf.shape[2]
     td.check_device(dev)
     assert block_n is None or (block_n >= BUCKET and block_n == _pow2(block_n)), \
@@ -463,36 +523,24 @@ def decode_attention_triton(
     full = q.dtype == torch.float32 or small
     dot = tl.float32 if full else TL_DTYPES[q.dtype]
     prec = "ieee" if full else "tf32"
-
-    keys = values = None
-    if store is not None and store.keys is not None:
-        keys, values = store.keys, store.values
-        for side in (keys, values):
-            _check_sorted(side)
-            assert all(t.is_contiguous() for t in side.data.values()), "store fields must be contiguous"
-    k_ints, k_flags, k_const = _side_args("K", keys, p.head_dim, block_n)
-    v_ints, v_flags, v_const = _side_args("V", values, p.head_dim, block_n)
-    if keys is not None:
-        consts = [None if c is None else c.to(dev) for c in (k_const, v_const)]  # held until the launch
-        fields, segments = _tables(keys, values, consts)
-        rank = int(segments[:, 3].max()) if "lowrank_a" in keys.data else 1
-    else:
-        fields = torch.zeros(2, 2, len(SLOTS), dtype=torch.int64, device=dev)
-        segments = torch.zeros(1, 2 + 2 * SIDE, dtype=torch.int64, device=dev)
-        rank = 1
+    launch = _launch(store, p.batch, dev, p.head_dim, block_n)
 
     # work: splits of each segment and of the buffer, about TUNING's programs per SM in all
-    longest = max(int(keys.tokens.max()) if keys is not None else 0, n_buf, 1)
+    held = int(launch.tokens.sum())
     if split_tokens is not None:
         per = split_tokens
     elif small:
-        per = longest
+        per = max(int(launch.tokens.max()) if held else 0, n_buf, 1)
     else:
-        held = int(keys.tokens.sum()) if keys is not None else 0
         wanted = TUNING["programs_per_sm"] * td.num_sms(dev)
         per = triton.cdiv(held + p.batch * n_buf, max(1, wanted // (p.kv_heads * nrb)))
     split = max(block_n, triton.cdiv(per, block_n) * block_n)
-    work, cu_work = _work(store, p.batch, n_buf, split)
+    pieces = triton.cdiv(n_buf, split)
+    memo = {} if store is None else store.memo
+    key = ("work", dev, split, pieces)
+    if key not in memo:
+        memo[key] = tuple(_to(t, dev) for t in _work(launch.rows, launch.tokens, p.batch, pieces, split))
+    work, cu_work = memo[key]
     n_work = len(work)
 
     if k_buf is not None:
@@ -504,18 +552,11 @@ def decode_attention_triton(
     m = scratch((n_work, p.kv_heads, m_tot), float("nan"), dtype=torch.float32, device=dev)
     l = scratch((n_work, p.kv_heads, m_tot), float("nan"), dtype=torch.float32, device=dev)
     acc = scratch((n_work, p.kv_heads, m_tot, d_p), float("nan"), dtype=torch.float32, device=dev)
-    has_lr = keys is not None and "lowrank_a" in keys.data
-    has_out = keys is not None and "outlier_index" in keys.data
     _attend_kernel[(n_work, p.kv_heads * nrb)](
-        q, m, l, acc, work.to(dev), segments, fields, kb_, vb_, lead.to(dev, torch.int64),
-        n_buf, p.head_dim, p.kv_heads, p.q_len, p.ratio, rows_total, nrb, float(scale) * LOG2E, *k_ints.values(),
-        *v_ints.values(), **k_flags, **v_flags,
-        HAS_LR=has_lr, LR_T=TL_DTYPES[keys.data["lowrank_a"].dtype] if has_lr else tl.float16,
-        LR_Q=has_lr and "lowrank_a_scale" in keys.data, HAS_OUT=has_out,
-        IDX_T=TL_DTYPES[keys.data["outlier_index"].dtype] if has_out else tl.int32,
-        VAL_T=TL_DTYPES[keys.data["outlier_values"].dtype] if has_out else tl.float16,
-        CAUSAL=p.q_len > 1, ROWS=rows, BLOCK_N=block_n, D_P=d_p, R_P=max(16, _pow2(rank)), R_G=max(2, _pow2(rank)),
-        BLOCK_O=block_o, BUCKET=BUCKET, DOT=dot, PREC=prec,
+        q, m, l, acc, work, launch.segments, launch.fields, kb_, vb_, launch.lead,
+        n_buf, p.head_dim, p.kv_heads, p.q_len, p.ratio, rows_total, nrb, float(scale) * LOG2E,
+        *launch.ints.values(), **launch.flags,
+        CAUSAL=p.q_len > 1, ROWS=rows, BLOCK_N=block_n, D_P=d_p, BLOCK_O=block_o, BUCKET=BUCKET, DOT=dot, PREC=prec,
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
     if out is None:
@@ -523,6 +564,6 @@ def decode_attention_triton(
     else:
         assert out.shape == q.shape and out.dtype == q.dtype and out.device == dev and out.is_contiguous(), \
             "out must be a contiguous tensor like q"
-    _merge_kernel[(p.batch * p.kv_heads, nrb)](m, l, acc, out, cu_work.to(dev), p.head_dim, p.kv_heads, p.q_len,
+    _merge_kernel[(p.batch * p.kv_heads, nrb)](m, l, acc, out, cu_work, p.head_dim, p.kv_heads, p.q_len,
                                                p.ratio, rows_total, nrb, ROWS=rows, D_P=d_p, num_warps=4)
     return out

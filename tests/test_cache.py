@@ -151,6 +151,19 @@ def test_flush_boundaries_match_manual_compression(prompt_len, new_tokens):
     assert layer.store.chunks == new_tokens // GEAR.buffer_size
 
 
+def test_the_store_changes_only_when_a_chunk_is_flushed():
+    """Between flushes a layer keeps the same KVStore object, so what packed attention derives
+    from it once (its launch tables, in the store's memo) serves every decode step."""
+    torch.manual_seed(0)
+    layer = GearLayer(GEAR)
+    layer.update(torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16))
+    stores = []
+    for _ in range(2 * GEAR.buffer_size):
+        layer.update(torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16))
+        stores.append(layer.store)
+    assert len({id(s) for s in stores}) == 1 + layer.store.chunks  # one store per flush, plus the prompt's
+
+
 @pytest.mark.parametrize("prompt_len", [2, 8, 13])
 def test_generation_across_flushes_and_short_prompts(llama, prompt_len):
     model, config = llama

@@ -27,6 +27,7 @@ def smoke(script: str) -> str:
 def test_gpu_kernels_smoke():
     out = smoke("gpu_kernels.py")
     assert "| compress kivi 2-bit key" in out and "| decode attention gear 2-bit |" in out
+    assert "| attention gear turboquant 3-bit" in out and "| decode attention kivi/turboquant 2-bit |" in out
     assert out.rstrip().endswith("0 failed checks")
 
 

@@ -325,6 +325,28 @@ def test_decode_attention_with_sinks_matches_reference(dtype, prompt, sinks, n_b
     assert rel_err(without, ref) > 5 * TOL[dtype]  # the sinks were attended to
 
 
+def test_a_stores_launch_tables_are_built_once_and_follow_the_buffer(monkeypatch):
+    """Decode steps over one store reuse its tables and work list (built on the first call; the
+    buffer grows under them) and still attend as the reference; a store with one more chunk
+    builds its own."""
+    built = []
+    tables = ta._tables
+    monkeypatch.setattr(ta, "_tables", lambda *a: built.append(1) or tables(*a))
+    config = GearConfig(method="gear", bits=2, group_size=16, buffer_size=16)
+    store = make_store(config, 2, 2, 64, torch.float32, (37, 20), 1, 13)
+    k_all, v_all = kv(2, 2, 16, 64, torch.float32, 1, "key"), kv(2, 2, 16, 64, torch.float32, 2, "value")
+    q = kv(2, 4, 1, 64, torch.float32, 3, "value")
+    chunk = lambda kind, seed: compress_torch(kv(2, 2, 16, 64, torch.float32, seed, kind), config, kind,  # noqa: E731
+                                              config.rank(prompt=False))
+    longer = store.appended(chunk("key", 30), chunk("value", 31))
+    for n_buf, held in ((3, store), (9, store), (4, longer)):
+        k_buf, v_buf = k_all[:, :, :n_buf].contiguous(), v_all[:, :, :n_buf].contiguous()
+        ref = decode_attention_torch(q, held, k_buf, v_buf, 0.125)
+        out = ta.decode_attention_triton(q, held, k_buf, v_buf, 0.125, block_n=16, split_tokens=16)
+        assert rel_err(out, ref) < TOL[torch.float32]
+    assert len(built) == 2
+
+
 def test_dispatch_triton_matches_torch_on_a_triton_compressed_store():
     """decode_attention(kernel=...) over chunks made by compress_triton; rows reordered (beams)."""
     config = GearConfig(method="gear", bits=2, group_size=32, buffer_size=32, kernel="triton")
