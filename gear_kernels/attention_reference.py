@@ -105,6 +105,8 @@ def check_decode_inputs(q: torch.Tensor, store: KVStore | None, k_buf: torch.Ten
             if kv_heads is not None and sinks.shape[1] != kv_heads:
                 raise ValueError(f"the store's sinks have {sinks.shape[1]} kv heads, the rest {kv_heads}")
             kv_heads = sinks.shape[1]
+        if store.rotation is not None and tuple(store.rotation.shape) != (head_dim,):
+            raise ValueError(f"the store's rotation has {tuple(store.rotation.shape)} signs, q's head_dim is {head_dim}")
         if store.has_prompt:
             prompt_tokens = store.prompt_end - store.prompt_start
         stream_tokens = store.chunks * store.chunk_tokens()
@@ -134,8 +136,8 @@ def sinks_before_buffer(store: KVStore, k_buf: torch.Tensor | None, v_buf: torch
 
 def decode_attention_torch(q: torch.Tensor, store: KVStore | None, k_buf: torch.Tensor | None,
                            v_buf: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """The packed torch path, the reference of packed Triton: rebuild the store's K and V, then
-    masked softmax attention.
+    """The packed torch path, the reference of packed Triton: rebuild the store's K and V (in the
+    model's basis, whatever rotation the store holds them in), then masked softmax attention.
 
     GQA groups query heads onto their kv head (a reshape of q), K/V are never repeated.
     """

@@ -7,7 +7,8 @@ query is rotated alike and the output rotated back:
 
     softmax(q R (K R)^T) (V R) R^T = softmax(q K^T) V    (R R^T = I)
 
-head_dim must be a power of two.
+head_dim must be a power of two. A KVStore that holds its K/V rotated carries the signs
+(store.py: to_basis / from_basis), so every reader of it is in the model's basis.
 """
 
 from __future__ import annotations

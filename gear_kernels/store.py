@@ -10,8 +10,11 @@ outliers and low-rank factors) is one (H, entries) tensor, segment s's entries a
 and the rebuild read the fields tables and never name a tensor. Keys and values are packed
 separately (each with its own quantizer: key_bits, value_bits, layouts).
 
-Before its compressed tokens a row may keep its first prompt tokens exact (a SinkPart: attention
-sinks, sink_tokens).
+Two stages compose with any quantizer here, each in one place: before its compressed tokens a
+row may keep its first prompt tokens exact (a SinkPart: attention sinks, sink_tokens), and a
+store may hold everything rotated (its `rotation`, rotation.py): a writer puts what it stores in
+the store's basis (to_basis), and what the store rebuilds (dense) and attention over it
+(attention_reference, triton_attention) return is in the model's basis.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from .chunk import CompressedChunk, rebuild
 from .corrections import lowrank, outliers
 from .quantizers import COMPONENTS, Field, Quantizer
+from .rotation import rotate, unrotate
 
 STORED = (*(c for c in COMPONENTS if c != "exact"), "sinks")  # what a KVStore's nbytes() reports
 
@@ -264,6 +268,9 @@ class KVStore:
     chunks: int = 0  # streamed chunks held
     dropped: int = 0  # streamed chunks dropped from the front
     sinks: SinkPart | None = None
+    # (head_dim,) signs: K and V (sinks too) are held rotated (rotation.py); what the store
+    # rebuilds, and what attention over it returns, is in the model's basis
+    rotation: torch.Tensor | None = None
     # what a reader derives from this store once (triton_attention: its launch tables); replace()
     # makes a store with an empty one
     memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -362,8 +369,17 @@ class KVStore:
             return 0
         return self._remembered("chunk_tokens", lambda: int(self.keys.tokens[self.keys.starts >= self.prompt_end][0]))
 
+    def to_basis(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., D) in the basis the store holds (rotated by its rotation, if any)."""
+        return x if self.rotation is None else rotate(x, self.rotation)
+
+    def from_basis(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """x (..., D) of the store's basis in the model's (None stays None)."""
+        return x if x is None or self.rotation is None else unrotate(x, self.rotation)
+
     def dense(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Keys and values (B, H, held, D) from offset() to the buffer, or None when nothing is held."""
+        """Keys and values (B, H, held, D) from offset() to the buffer, in the model's basis, or
+        None when nothing is held."""
         chunk_tokens = self.chunk_tokens()
         first = self.offset(chunk_tokens)
         last = self.prompt_end + (self.dropped + self.chunks) * chunk_tokens
@@ -375,9 +391,9 @@ class KVStore:
         else:
             batch, heads, _, dim = self.sinks.keys.shape
             keys = values = self.sinks.keys.new_zeros(batch, heads, last - first, dim)
-        if self.sinks is None:
-            return keys, values
-        return self.sinks.placed(keys, values, self.prompt_end - first - self._prompt_tokens())
+        if self.sinks is not None:
+            keys, values = self.sinks.placed(keys, values, self.prompt_end - first - self._prompt_tokens())
+        return self.from_basis(keys), self.from_basis(values)
 
     def parts(self) -> list[Packed]:
         return [p for p in (self.keys, self.values) if p is not None]

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from . import triton_device as td
-from .attention_reference import check_decode_inputs, sinks_before_buffer
+from .attention_reference import DecodeProblem, check_decode_inputs, sinks_before_buffer
 from .corrections import lowrank, outliers
 from .corrections.outliers import BUCKET
 from .store import KVStore, Packed, _exclusive
@@ -502,6 +502,20 @@ def decode_attention_triton(
     most its work list over, without a sync.
     """
     p = check_decode_inputs(q, store, k_buf, v_buf, scale)
+    assert out is None or (out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
+                           and out.is_contiguous()), "out must be a contiguous tensor like q"
+    if store is None or store.rotation is None:
+        return _attend(q, store, k_buf, v_buf, scale, p, block_n, split_tokens, out)
+    # the store holds rotated K/V: attend in its basis, then rotate the output back
+    k_buf, v_buf = (None if t is None else store.to_basis(t) for t in (k_buf, v_buf))
+    result = store.from_basis(_attend(store.to_basis(q), store, k_buf, v_buf, scale, p, block_n, split_tokens, None))
+    return result if out is None else out.copy_(result)
+
+
+def _attend(q: torch.Tensor, store: KVStore | None, k_buf: torch.Tensor | None, v_buf: torch.Tensor | None,
+            scale: float, p: DecodeProblem, block_n: int | None, split_tokens: int | None,
+            out: torch.Tensor | None) -> torch.Tensor:
+    """decode_attention_triton in the store's basis, on checked inputs (p: their shapes)."""
     dev = q.device
     if store is not None and store.sinks is not None:
         k_buf, v_buf, _ = sinks_before_buffer(store, k_buf, v_buf)
@@ -561,9 +575,6 @@ def decode_attention_triton(
     )
     if out is None:
         out = torch.empty_like(q)
-    else:
-        assert out.shape == q.shape and out.dtype == q.dtype and out.device == dev and out.is_contiguous(), \
-            "out must be a contiguous tensor like q"
     _merge_kernel[(p.batch * p.kv_heads, nrb)](m, l, acc, out, cu_work, p.head_dim, p.kv_heads, p.q_len,
                                                p.ratio, rows_total, nrb, ROWS=rows, D_P=d_p, num_warps=4)
     return out

@@ -26,7 +26,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from gear_kernels import decode_attention
-from gear_kernels.rotation import rotate, unrotate
 from gear_kernels.store import KVStore
 
 GEAR_ATTENTION = "gear"
@@ -41,7 +40,6 @@ class PackedKV:
     buffer_v: torch.Tensor
     kernel: str  # "triton" or "torch"
     check_padding: bool = False  # compare the model's mask with the store's rows (a layer's first decode step)
-    rotation: torch.Tensor | None = None  # (head_dim,) signs: the store holds rotated K/V (gear_kernels.rotation)
 
 
 # A layer's update and its attention run back to back in the layer's forward, in one thread.
@@ -85,12 +83,8 @@ def gear_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     if packed.check_padding:
         _check_padding(attention_mask, packed.store, seq_len)
     scale = module.scaling if scaling is None else scaling
-    signs, k_buf, v_buf = packed.rotation, packed.buffer_k, packed.buffer_v
-    if signs is not None:  # attend in the rotated basis the store holds, then rotate the output back
-        query, k_buf, v_buf = rotate(query, signs), rotate(k_buf, signs), rotate(v_buf, signs)
-    out = decode_attention(query, packed.store, k_buf, v_buf, scale, kernel=packed.kernel)  # (batch, q_heads, q_len, head_dim)
-    if signs is not None:
-        out = unrotate(out, signs)
+    # (batch, q_heads, q_len, head_dim); a store held rotated attends in its own basis
+    out = decode_attention(query, packed.store, packed.buffer_k, packed.buffer_v, scale, kernel=packed.kernel)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -36,7 +36,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from gear_kernels import GearConfig, compress, decompress, resolve_kernel
-from gear_kernels.rotation import check_head_dim, hadamard_signs, rotate, rotation_of, unrotate
+from gear_kernels.rotation import check_head_dim, hadamard_signs, rotation_of
 from gear_kernels.store import STORED, KVStore, SinkPart
 
 from .attention import PackedKV, hand_over, uses_gear_attention
@@ -206,20 +206,21 @@ class GearLayer(CacheLayerMixin):
         """Each row's prompt (from its first real token, or from what a window can still see) as
         one chunk, so padding enters no statistic; the rows' chunks then go to the store."""
         end = keys.shape[-2]
-        store = KVStore(batch=keys.shape[0], prompt_start=self._first_visible(end), prompt_end=end)
+        store = KVStore(batch=keys.shape[0], prompt_start=self._first_visible(end), prompt_end=end,
+                        rotation=self.rotation)
         rank, n_sinks = self.config.rank(prompt=True), self.config.codec.sink_tokens
         rows_k, rows_v, sinks_k, sinks_v = [], [], [], []
         for row, pad in enumerate(self.pad_len.tolist()):
             start = max(pad, store.prompt_start)
             cut = min(start + n_sinks, end)  # [start, cut) kept exact, the rest compressed
-            sinks_k.append(self._rotated(keys[row : row + 1, :, start:cut]))
-            sinks_v.append(self._rotated(values[row : row + 1, :, start:cut]))
+            sinks_k.append(store.to_basis(keys[row : row + 1, :, start:cut]))
+            sinks_v.append(store.to_basis(values[row : row + 1, :, start:cut]))
             k, v = keys[row : row + 1, :, cut:], values[row : row + 1, :, cut:]
-            rows_k.append(None if cut == end else self._compress(k, "key", rank))
-            rows_v.append(None if cut == end else self._compress(v, "value", rank))
+            rows_k.append(None if cut == end else self._compress(store, k, "key", rank))
+            rows_v.append(None if cut == end else self._compress(store, v, "value", rank))
         sinks = SinkPart.from_rows(sinks_k, sinks_v) if n_sinks and any(k.shape[2] for k in sinks_k) else None
         self.store = store.with_prompt(rows_k, rows_v, sinks)
-        self.decoded = None if self.reads_packed else self._restored(self.store.dense())
+        self.decoded = None if self.reads_packed else self.store.dense()
 
     def _flush_full_buffer(self) -> None:
         """Compress the buffer's full buffer_size tokens as chunks; drop what left the window.
@@ -241,29 +242,18 @@ class GearLayer(CacheLayerMixin):
         if not n:
             return
         k, v = (_chunk_rows(t[:, :, gone * size :], n) for t in (k, v))  # (n * batch, heads, size, head_dim)
-        keys, values = self._compress(k, "key", rank), self._compress(v, "value", rank)
+        keys, values = self._compress(self.store, k, "key", rank), self._compress(self.store, v, "value", rank)
         batch = self.store.batch
         for j in range(n):
             rows = torch.arange(j * batch, (j + 1) * batch)
             self.store = self.store.appended(keys.select_rows(rows), values.select_rows(rows))
         if self.decoded is not None:  # decompress(chunk) is what the store's dense() gives for it, bitwise
             rebuilt = (_token_axis(decompress(keys), n), _token_axis(decompress(values), n))
-            self.decoded = _joined(self.decoded, self._restored(rebuilt))
+            self.decoded = _joined(self.decoded, tuple(self.store.from_basis(t) for t in rebuilt))
 
-    def _compress(self, x: torch.Tensor, kind: str, rank: int):
-        """x (batch, kv_heads, tokens, head_dim) -> its compressed chunk, rotated first if configured."""
-        return compress(self._rotated(x), self.config, kind, rank)
-
-    def _rotated(self, x: torch.Tensor) -> torch.Tensor:
-        """x in the basis the store holds (rotated if configured; sinks too, so that attention
-        reads one basis)."""
-        return x if self.rotation is None else rotate(x, self.rotation)
-
-    def _restored(self, kv: tuple) -> tuple:
-        """Keys and values rebuilt from the store, rotated back (None stays None)."""
-        if self.rotation is None:
-            return kv
-        return tuple(None if t is None else unrotate(t, self.rotation) for t in kv)
+    def _compress(self, store: KVStore, x: torch.Tensor, kind: str, rank: int):
+        """x (batch, kv_heads, tokens, head_dim) -> its compressed chunk, in the store's basis."""
+        return compress(store.to_basis(x), self.config, kind, rank)
 
     def _chunk_end(self, j: int) -> int:
         """One past the last position of streamed chunk j (counting dropped chunks)."""
@@ -322,7 +312,7 @@ class GearLayer(CacheLayerMixin):
         request to check the model's mask against the rows' padding)."""
         check, self.padding_checked = not self.padding_checked, True
         return PackedKV(store=self.store, buffer_k=self.buffer_k, buffer_v=self.buffer_v, kernel=self.kernel,
-                        check_padding=check, rotation=self.rotation)
+                        check_padding=check)
 
     def get_seq_length(self) -> int:
         """Tokens seen (as transformers' layers count them, sliding ones included)."""

@@ -32,6 +32,7 @@ from gear_kernels import triton_device as td  # noqa: E402
 from gear_kernels import triton_quantize as tq  # noqa: E402
 from gear_kernels.attention_reference import decode_attention_torch  # noqa: E402
 from gear_kernels.chunk import compress as compress_torch  # noqa: E402
+from gear_kernels.rotation import hadamard_signs  # noqa: E402
 from gear_kernels.store import KVStore, SinkPart  # noqa: E402
 
 # relative error (max |out - ref| / max |ref|) allowed per model dtype; bf16 also absorbs the
@@ -345,6 +346,38 @@ def test_a_stores_launch_tables_are_built_once_and_follow_the_buffer(monkeypatch
         out = ta.decode_attention_triton(q, held, k_buf, v_buf, 0.125, block_n=16, split_tokens=16)
         assert rel_err(out, ref) < TOL[torch.float32]
     assert len(built) == 2
+
+
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_a_rotated_store_is_attended_in_the_models_basis(with_sinks):
+    """A store that holds its K/V rotated (KVStore.rotation) takes q and the buffer in the
+    model's basis and returns attention in it, on both paths: Triton = the torch reference =
+    attention over what dense() rebuilds (the model's basis) and the buffer."""
+    config = GearConfig(method="gear", bits=4, group_size=16, buffer_size=16)
+    dim, signs = 64, hadamard_signs(64, seed=5)
+    store = KVStore(batch=2, prompt_end=30, rotation=signs)
+    rows = [(kv(1, 2, n, dim, torch.float32, 60 + b, "key"), kv(1, 2, n, dim, torch.float32, 70 + b, "value"))
+            for b, n in enumerate((30, 17))]
+    cut = 3 if with_sinks else 0
+    rows_k = [compress_torch(store.to_basis(k[:, :, cut:]), config, "key") for k, _ in rows]
+    rows_v = [compress_torch(store.to_basis(v[:, :, cut:]), config, "value") for _, v in rows]
+    sinks = SinkPart.from_rows([store.to_basis(k[:, :, :cut]) for k, _ in rows],
+                               [store.to_basis(v[:, :, :cut]) for _, v in rows]) if with_sinks else None
+    store = store.with_prompt(rows_k, rows_v, sinks)
+    k_buf, v_buf = kv(2, 2, 5, dim, torch.float32, 1, "key"), kv(2, 2, 5, dim, torch.float32, 2, "value")
+    q = kv(2, 4, 1, dim, torch.float32, 3, "value")
+    keys, values = store.dense()  # (2, 2, 30, dim): row 1's first 13 positions hold nothing
+    visible = torch.ones(2, 1, 1, 35, dtype=torch.bool)
+    visible[1, ..., :13] = False
+    k_all, v_all = (torch.cat([t, b], 2).repeat_interleave(2, 1) for t, b in ((keys, k_buf), (values, v_buf)))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k_all, v_all, attn_mask=visible, scale=0.125)
+    ref = decode_attention_torch(q, store, k_buf, v_buf, 0.125)
+    out = torch.full_like(q, float("nan"))
+    ta.decode_attention_triton(q, store, k_buf, v_buf, 0.125, block_n=16, split_tokens=16, out=out)
+    assert rel_err(ref, expected) < 1e-5 and rel_err(out, expected) < TOL[torch.float32]
+    assert torch.allclose(store.from_basis(store.to_basis(keys)), keys, atol=1e-5)
+    unrotated = dataclasses.replace(store, rotation=None)  # the same codes read as if held unrotated
+    assert rel_err(ta.decode_attention_triton(q, unrotated, k_buf, v_buf, 0.125), expected) > 10 * TOL[torch.float32]
 
 
 def test_dispatch_triton_matches_torch_on_a_triton_compressed_store():
