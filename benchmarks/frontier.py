@@ -161,10 +161,12 @@ def prefill(model, ids: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def forced(model, entry, kv, first_logits: torch.Tensor, continuation: torch.Tensor):
+def forced(model, entry, kv, first_logits: torch.Tensor, continuation: torch.Tensor, cache=None):
     """The cache's next-token logits (n, vocab) along continuation (1, n), from the exact prompt
-    keys and values `kv`, and the cache's stored bits."""
-    cache = DynamicCache(config=model.config) if entry == "exact" else make_cache(entry, model)
+    keys and values `kv`, and the cache's stored bits. cache: a fresh one to use instead of the
+    entry's (benchmarks/turboquant_seeds.py gives the peer other seeds)."""
+    if cache is None:
+        cache = DynamicCache(config=model.config) if entry == "exact" else make_cache(entry, model)
     for i, (keys, values) in enumerate(kv):
         cache.update(keys, values, i)  # as the prefill hands them over: compressed after it
     start, stop = kv[0][0].shape[-2], kv[0][0].shape[-2] + continuation.shape[1] - 1

@@ -53,6 +53,20 @@ def test_frontier_smoke(tmp_path):
     assert set(rechecked["rows"]) <= set(rows) and rechecked["rows"] != rows  # other prompts, other figures
 
 
+def test_turboquant_at_one_seed_is_the_peers():
+    """The project's turboquant and fused-turboquant's, given the same rotation seed, are as
+    faithful as each other (within 10% KL) on a frontier prompt: a gap between the frontier's two
+    rows is the rotation drawn, not the quantizer."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks.turboquant_seeds", "--bits", "3", "--seeds", "0",
+                          "--peer-seeds", "0", "--questions", "1", "--tokens", "16"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    kl = {line.split("|")[1].strip(): float(line.split("|")[3]) for line in run.stdout.splitlines()
+          if line.startswith(("| project", "| fused-turboquant"))}
+    assert set(kl) == {"project", "fused-turboquant"} and kl["project"] > 0
+    assert abs(kl["project"] / kl["fused-turboquant"] - 1) < 0.1, kl
+
+
 @pytest.mark.parametrize("entry", ["turboquant-2", "quanto-2", {"method": "gear", "bits": 2}])
 def test_frontier_feeds_each_cache_as_generation_does(monkeypatch, entry):
     """The frontier forces every cache in pieces that end on its flushes: the same logits, to
