@@ -22,6 +22,17 @@ def test_decode_step_smoke():
     assert len(rows) == 3 and all(len(r.split("|")) == 7 for r in rows), run.stdout
 
 
+def test_prompt_compression_smoke():
+    """Prompt compression against prefill: a row a length, the store smaller than the exact K/V."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks.prompt_compression", "--smoke"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [[float(c) for c in line.strip("|").split("|")] for line in run.stdout.splitlines()
+            if line.startswith(("| 100 ", "| 300 "))]
+    assert [r[0] for r in rows] == [100, 300]
+    assert all(r[1] > 0 and r[2] > 0 and 0 < r[5] < r[4] for r in rows), rows
+
+
 def test_frontier_smoke(tmp_path):
     """The frontier sweep on SmolLM2 (two configs, two peers, one short prompt): every row
     measured, the picks written as options that GearConfig.from_options builds."""
