@@ -41,6 +41,7 @@ when CHECK_OUTLIER_ORDER is set, since the check costs a device sync).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -74,11 +75,13 @@ N_SLOTS = tl.constexpr(len(SLOTS))
 
 
 @triton.jit
-def _field(fields, seg, side: tl.constexpr, slot: tl.constexpr, h, DT: tl.constexpr):
-    """Pointer to head h's entries of field `slot` of one side, at segment `seg`'s first."""
+def _field(fields, seg, side: tl.constexpr, slot: tl.constexpr, h, DT: tl.constexpr, ALIGN: tl.constexpr = 1):
+    """Pointer to head h's entries of field `slot` of one side, at segment `seg`'s first; ALIGN:
+    bytes the host found to divide it (a pointer read from a table carries no alignment, and
+    without it the tile's loads are not vectorized)."""
     base = tl.load(fields + (side * 2) * N_SLOTS + slot).to(tl.pointer_type(DT))
     head_stride = tl.load(fields + (side * 2 + 1) * N_SLOTS + slot)
-    return base + h * head_stride + tl.load(seg + 2 + side * (2 + N_SLOTS) + 2 + slot)
+    return tl.multiple_of(base + h * head_stride + tl.load(seg + 2 + side * (2 + N_SLOTS) + 2 + slot), ALIGN)
 
 
 @triton.jit
@@ -121,18 +124,18 @@ def _outlier_block(idx_ptr, val_ptr, o0, o_end, q0, q1, q2, a_ptr, b_ptr, as_ptr
 def _attend_segment(
     m_i, l_i, acc, q_t, q_ptr, q_off, row_ok, t_lo, t_hi, fields, seg, h, D, scale_log2,
     K_TILE: tl.constexpr, K_ENTRY: tl.constexpr, K_T1: tl.constexpr, K_T2: tl.constexpr, K_BITS: tl.constexpr,
-    K_PW: tl.constexpr, K_LAYOUT: tl.constexpr, K_MODE: tl.constexpr, K_W, K_GW, K_CG,
+    K_PW: tl.constexpr, K_LAYOUT: tl.constexpr, K_MODE: tl.constexpr, K_ALIGN: tl.constexpr, K_W, K_GW, K_CG,
     V_TILE: tl.constexpr, V_ENTRY: tl.constexpr, V_T1: tl.constexpr, V_T2: tl.constexpr, V_BITS: tl.constexpr,
-    V_PW: tl.constexpr, V_LAYOUT: tl.constexpr, V_MODE: tl.constexpr, V_W, V_GW, V_CG,
+    V_PW: tl.constexpr, V_LAYOUT: tl.constexpr, V_MODE: tl.constexpr, V_ALIGN: tl.constexpr, V_W, V_GW, V_CG,
     HAS_LR: tl.constexpr, LR_T: tl.constexpr, LR_Q: tl.constexpr, HAS_OUT: tl.constexpr, IDX_T: tl.constexpr,
     VAL_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr, R_P: tl.constexpr,
     R_G: tl.constexpr, BLOCK_O: tl.constexpr, BUCKET: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     """Online-softmax state (m_i, l_i, acc^T) after tokens [t_lo, t_hi) of segment `seg`."""
-    kq0 = _field(fields, seg, 0, 0, h, tl.uint8)
+    kq0 = _field(fields, seg, 0, 0, h, tl.uint8, K_ALIGN)  # the codes
     kq1 = _field(fields, seg, 0, 1, h, K_T1)
     kq2 = _field(fields, seg, 0, 2, h, K_T2)
-    vq0 = _field(fields, seg, 1, 0, h, tl.uint8)
+    vq0 = _field(fields, seg, 1, 0, h, tl.uint8, V_ALIGN)
     vq1 = _field(fields, seg, 1, 1, h, V_T1)
     vq2 = _field(fields, seg, 1, 2, h, V_T2)
     # a token group of each side (per-channel groups: this segment's; else the channel group)
@@ -238,9 +241,9 @@ def _attend_kernel(
     q_ptr, m_ptr, l_ptr, acc_ptr, work, segments, fields, kbuf, vbuf, b_lead,
     NBUF, D, H, QL, RATIO, M, NRB, scale_log2, K_W, K_GW, K_CG, V_W, V_GW, V_CG,
     K_TILE: tl.constexpr, K_ENTRY: tl.constexpr, K_T1: tl.constexpr, K_T2: tl.constexpr, K_BITS: tl.constexpr,
-    K_PW: tl.constexpr, K_LAYOUT: tl.constexpr, K_MODE: tl.constexpr,
+    K_PW: tl.constexpr, K_LAYOUT: tl.constexpr, K_MODE: tl.constexpr, K_ALIGN: tl.constexpr,
     V_TILE: tl.constexpr, V_ENTRY: tl.constexpr, V_T1: tl.constexpr, V_T2: tl.constexpr, V_BITS: tl.constexpr,
-    V_PW: tl.constexpr, V_LAYOUT: tl.constexpr, V_MODE: tl.constexpr,
+    V_PW: tl.constexpr, V_LAYOUT: tl.constexpr, V_MODE: tl.constexpr, V_ALIGN: tl.constexpr,
     HAS_LR: tl.constexpr, LR_T: tl.constexpr, LR_Q: tl.constexpr, HAS_OUT: tl.constexpr, IDX_T: tl.constexpr,
     VAL_T: tl.constexpr, CAUSAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr,
     R_P: tl.constexpr, R_G: tl.constexpr, BLOCK_O: tl.constexpr, BUCKET: tl.constexpr, DOT: tl.constexpr,
@@ -271,8 +274,8 @@ def _attend_kernel(
         m_i, l_i, acc = _attend_segment(
             m_i, l_i, acc, q_t, q_ptr, q_off, row_ok, t_lo, t_hi, fields, segments + segment * (2 + 2 * (2 + N_SLOTS)),
             h.to(tl.int64), D, scale_log2,
-            K_TILE, K_ENTRY, K_T1, K_T2, K_BITS, K_PW, K_LAYOUT, K_MODE, K_W, K_GW, K_CG,
-            V_TILE, V_ENTRY, V_T1, V_T2, V_BITS, V_PW, V_LAYOUT, V_MODE, V_W, V_GW, V_CG,
+            K_TILE, K_ENTRY, K_T1, K_T2, K_BITS, K_PW, K_LAYOUT, K_MODE, K_ALIGN, K_W, K_GW, K_CG,
+            V_TILE, V_ENTRY, V_T1, V_T2, V_BITS, V_PW, V_LAYOUT, V_MODE, V_ALIGN, V_W, V_GW, V_CG,
             HAS_LR, LR_T, LR_Q, HAS_OUT, IDX_T, VAL_T, ROWS, BLOCK_N, D_P, R_P, R_G, BLOCK_O, BUCKET, DOT, PREC,
         )
     else:  # the exact buffer (B, H, NBUF, D), contiguous; row b's starts at its b_lead[b]
@@ -426,6 +429,18 @@ def _side_args(prefix: str, side: Packed | None, dim: int, block_n: int) -> tupl
     return ints, flags, spec["consts"]
 
 
+def _alignment(side: Packed | None) -> int:
+    """Bytes (1 to 16, a power of two) that divide the address of this side's codes (its
+    quantizer's first field, the bulk of what a tile reads) at every segment and head: the
+    kernel's hint for vectorized loads."""
+    if side is None:
+        return 1
+    codes = side.data[side.quantizer.fields[0].name]
+    size = codes.element_size()
+    offsets = side.offsets[side.quantizer.fields[0].name] * size
+    return math.gcd(16, codes.data_ptr(), codes.stride(0) * size, *offsets.tolist())
+
+
 @dataclass(frozen=True)
 class _Launch:
     """What every launch over one store reads, built once a store (kept in its memo): the tables
@@ -472,7 +487,8 @@ def _launch(store: KVStore | None, batch: int, dev: torch.device, head_dim: int,
              "LR_Q": has_lr and "lowrank_a_scale" in keys.data, "HAS_OUT": has_out,
              "IDX_T": TL_DTYPES[keys.data["outlier_index"].dtype] if has_out else tl.int32,
              "VAL_T": TL_DTYPES[keys.data["outlier_values"].dtype] if has_out else tl.float16,
-             "R_P": max(16, _pow2(rank)), "R_G": max(2, _pow2(rank))}
+             "R_P": max(16, _pow2(rank)), "R_G": max(2, _pow2(rank)),
+             "K_ALIGN": _alignment(keys), "V_ALIGN": _alignment(values)}
     lead = torch.zeros(batch, dtype=torch.int64)  # (batch,) buffer slots a row skips
     if store is not None and store.sinks is not None:
         lead = sinks_before_buffer(store, None, None)[2]

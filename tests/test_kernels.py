@@ -380,6 +380,23 @@ def test_a_rotated_store_is_attended_in_the_models_basis(with_sinks):
     assert rel_err(ta.decode_attention_triton(q, unrotated, k_buf, v_buf, 0.125), expected) > 10 * TOL[torch.float32]
 
 
+@pytest.mark.parametrize("bits", [2, 3])
+def test_the_codes_alignment_hint_holds_at_every_segment_and_head(bits):
+    """The kernel is told its codes' pointers are ALIGN-byte aligned (vectorized loads): ALIGN
+    must divide the codes' address at every segment and head, and be the largest power of two
+    up to 16 that does."""
+    config = GearConfig(method="gear", bits=bits, group_size=16, buffer_size=16)
+    store = make_store(config, 3, 2, 64, torch.float16, (37, 20, 5), 2, 17)
+    for side in store.parts():
+        codes = side.data[side.quantizer.fields[0].name]
+        addresses = [codes.data_ptr() + codes.element_size() * (h * codes.stride(0) + int(o))
+                     for h in range(codes.shape[0]) for o in side.offsets[side.quantizer.fields[0].name]]
+        align = ta._alignment(side)
+        assert all(a % align == 0 for a in addresses)
+        assert align == 16 or any(a % (2 * align) for a in addresses)
+    assert ta._alignment(store.values) == (16 if bits == 2 else 8)  # 16 or 24 bytes of codes a token
+
+
 def test_dispatch_triton_matches_torch_on_a_triton_compressed_store():
     """decode_attention(kernel=...) over chunks made by compress_triton; rows reordered (beams)."""
     config = GearConfig(method="gear", bits=2, group_size=32, buffer_size=32, kernel="triton")
