@@ -142,11 +142,10 @@ class Packed:
         per_segment = {"token": self.tokens, "group": -(-self.tokens // group), "segment": torch.ones_like(self.tokens)}
         item = {"token": local, "group": local // group[segment], "segment": torch.zeros_like(local)}
         inner = int((self.counts[name] // per_segment[axis]).max())  # the quantizer's: the same in every segment
+        items = t.reshape(t.shape[0], -1, inner)  # every segment's offset is a whole number of items
         if axis == "token":  # segments lie back to back in token order: a view, no gather
-            return t.reshape(t.shape[0], -1, inner)
-        # every segment's items are `inner` entries each, so its offset is a whole number of items
-        where = self.offsets[name][segment] // inner + item[axis]  # (N,) item of each token
-        return t.reshape(t.shape[0], -1, inner)[:, where.to(t.device)]
+            return items
+        return items[:, (self.offsets[name][segment] // inner + item[axis]).to(t.device)]  # an item a token
 
     def _factors(self, segment: torch.Tensor, local: torch.Tensor) -> tuple:
         """Low-rank A (H, N, r) and B (H, S, D, r) fp32, a segment's columns beyond its own rank 0."""

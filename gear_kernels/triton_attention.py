@@ -42,7 +42,7 @@ when CHECK_OUTLIER_ORDER is set, since the check costs a device sync).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -444,8 +444,8 @@ def _alignment(side: Packed | None) -> int:
 @dataclass(frozen=True)
 class _Launch:
     """What every launch over one store reads, built once a store (kept in its memo): the tables
-    on the device, each side's kernel arguments, the segments' rows and tokens (CPU) for the
-    work list, and the buffer slots each row skips (its missing sinks)."""
+    on the device, each side's kernel arguments, the segments' rows and tokens (CPU), the buffer
+    slots each row skips (its missing sinks), and the work lists made so far."""
 
     fields: torch.Tensor
     segments: torch.Tensor
@@ -453,8 +453,19 @@ class _Launch:
     flags: dict
     rows: torch.Tensor
     tokens: torch.Tensor
+    held: int  # tokens in all segments
+    longest: int  # tokens of the longest segment (0: none)
     lead: torch.Tensor
     consts: tuple  # the quantizers' constant tensors on the device: the tables point into them
+    works: dict = field(default_factory=dict)  # (split, buffer pieces) -> (work, cu_work) on the device
+
+    def work(self, batch: int, buffer_pieces: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The work list and cu_work for this split (made once; the buffer's length does not enter)."""
+        key = (split, buffer_pieces)
+        if key not in self.works:
+            device = self.fields.device
+            self.works[key] = tuple(_to(t, device) for t in _work(self.rows, self.tokens, batch, buffer_pieces, split))
+        return self.works[key]
 
 
 def _launch(store: KVStore | None, batch: int, dev: torch.device, head_dim: int, block_n: int) -> _Launch:
@@ -493,7 +504,7 @@ def _launch(store: KVStore | None, batch: int, dev: torch.device, head_dim: int,
     if store is not None and store.sinks is not None:
         lead = sinks_before_buffer(store, None, None)[2]
     launch = _Launch(_to(fields, dev), _to(segments, dev), {**k_ints, **v_ints}, flags, rows, tokens,
-                     _to(lead.long(), dev), consts)
+                     int(tokens.sum()), int(tokens.max()) if len(tokens) else 0, _to(lead.long(), dev), consts)
     memo[key] = launch
     return launch
 
@@ -556,21 +567,15 @@ def _attend(q: torch.Tensor, store: KVStore | None, k_buf: torch.Tensor | None, 
     launch = _launch(store, p.batch, dev, p.head_dim, block_n)
 
     # work: splits of each segment and of the buffer, about TUNING's programs per SM in all
-    held = int(launch.tokens.sum())
     if split_tokens is not None:
         per = split_tokens
     elif small:
-        per = max(int(launch.tokens.max()) if held else 0, n_buf, 1)
+        per = max(launch.longest, n_buf, 1)
     else:
         wanted = TUNING["programs_per_sm"] * td.num_sms(dev)
-        per = triton.cdiv(held + p.batch * n_buf, max(1, wanted // (p.kv_heads * nrb)))
+        per = triton.cdiv(launch.held + p.batch * n_buf, max(1, wanted // (p.kv_heads * nrb)))
     split = max(block_n, triton.cdiv(per, block_n) * block_n)
-    pieces = triton.cdiv(n_buf, split)
-    memo = {} if store is None else store.memo
-    key = ("work", dev, split, pieces)
-    if key not in memo:
-        memo[key] = tuple(_to(t, dev) for t in _work(launch.rows, launch.tokens, p.batch, pieces, split))
-    work, cu_work = memo[key]
+    work, cu_work = launch.work(p.batch, triton.cdiv(n_buf, split), split)
     n_work = len(work)
 
     if k_buf is not None:
