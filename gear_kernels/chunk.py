@@ -19,6 +19,7 @@ from .quantizers import QUANTIZERS, Field, Quantizer
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KINDS = ("key", "value")
+ROWS_ELEMENTS = 1 << 20  # entries of the slices compressed together in one pass (a prompt's slice: all of it)
 EXACT = (Field("exact", "exact", "token"),)  # method none keeps the chunk as it is
 
 
@@ -96,8 +97,21 @@ def compress(x: torch.Tensor, config: GearConfig, kind: str, rank: int | None = 
     r = config.rank(prompt=True) if rank is None else rank
     if r < 0:
         raise ValueError(f"rank={r} is invalid: allowed an integer >= 0")
-    codec, quantizer = config.codec, quantizer_for(config, kind)
     xs = x.reshape(batch * heads, tokens, head_dim).contiguous()  # one row per (batch, head) slice
+    # Slices are compressed each on its own, so a long prompt's are taken a few at a time: its
+    # temporaries (several fp32 copies of what a pass takes) stay a small multiple of one slice.
+    step = max(1, ROWS_ELEMENTS // (tokens * head_dim))
+    passes = [_compress_rows(xs[i:i + step], config, kind, r, kernel) for i in range(0, len(xs), step)]
+    parts = {name: torch.cat([p[name] for p in passes]) for name in passes[0]}
+    parts = {name: t.reshape(batch, heads, *t.shape[1:]) for name, t in parts.items()}
+    quantizer = quantizer_for(config, kind)
+    return CompressedChunk(tuple(x.shape), x.dtype, quantizer, quantizer.token_group(tokens), parts)
+
+
+def _compress_rows(xs: torch.Tensor, config: GearConfig, kind: str, r: int, kernel: str) -> dict[str, torch.Tensor]:
+    """Slices xs (R, T, D) -> their stored fields, (R, items, *inner) each."""
+    tokens, head_dim = xs.shape[1:]
+    codec, quantizer = config.codec, quantizer_for(config, kind)
     parts, taken = {}, None
     if codec.uses_outliers:
         parts, taken = outliers.encode(xs, codec.outlier_ratio, codec.outlier_dtype, kind)
@@ -108,8 +122,7 @@ def compress(x: torch.Tensor, config: GearConfig, kind: str, rank: int | None = 
         if taken is not None:
             residual = torch.where(taken, 0.0, residual)
         parts.update(lowrank.encode(residual, r, codec.power_iters, config.seed, codec.lowrank_dtype))
-    parts = {name: t.reshape(batch, heads, *t.shape[1:]) for name, t in parts.items()}
-    return CompressedChunk(tuple(x.shape), x.dtype, quantizer, quantizer.token_group(tokens), parts)
+    return parts
 
 
 def _aligned(coded: dict[str, torch.Tensor], quantizer: Quantizer, tokens: int) -> dict[str, torch.Tensor]:

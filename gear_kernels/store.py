@@ -20,6 +20,7 @@ the store's basis (to_basis), and what the store rebuilds (dense) and attention 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 
@@ -130,30 +131,39 @@ class Packed:
             out[f.component] += t.numel() * t.element_size()
         return out
 
-    def token_map(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N,) segment of every stored token, and its index within the segment, in packed order."""
+    @cached_property
+    def _tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
         segment = torch.repeat_interleave(torch.arange(self.segments), self.tokens)
         return segment, torch.arange(len(segment)) - _exclusive(self.tokens)[segment]
 
-    def _token_aligned(self, name: str, axis: str, segment: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        """A field of the quantizer (H, entries) -> one item a token, (H, N, inner)."""
+    def token_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) segment of every stored token, and its index within the segment, in packed order
+        (derived once a side: decode attention asks at every step)."""
+        return self._tokens
+
+    def _token_aligned(self, name: str, axis: str, segment: torch.Tensor, local: torch.Tensor, every: bool
+                       ) -> torch.Tensor:
+        """A field of the quantizer (H, entries) -> one item for each token of (segment, local)
+        (n,), (H, n, inner); every: they are all the stored tokens, in packed order."""
         t = self.data[name]
         group = self.groups.clamp(min=1)
         per_segment = {"token": self.tokens, "group": -(-self.tokens // group), "segment": torch.ones_like(self.tokens)}
         item = {"token": local, "group": local // group[segment], "segment": torch.zeros_like(local)}
         inner = int((self.counts[name] // per_segment[axis]).max())  # the quantizer's: the same in every segment
         items = t.reshape(t.shape[0], -1, inner)  # every segment's offset is a whole number of items
-        if axis == "token":  # segments lie back to back in token order: a view, no gather
+        if axis == "token" and every:  # segments lie back to back in token order: a view, no gather
             return items
         return items[:, (self.offsets[name][segment] // inner + item[axis]).to(t.device)]  # an item a token
 
-    def _factors(self, segment: torch.Tensor, local: torch.Tensor) -> tuple:
-        """Low-rank A (H, N, r) and B (H, S, D, r) fp32, a segment's columns beyond its own rank 0."""
+    def _factors(self, segment: torch.Tensor, local: torch.Tensor, tokens: torch.Tensor | None) -> tuple:
+        """Low-rank A (H, n, r) of the tokens (packed indices; None: all) and B (H, S, D, r) fp32,
+        a segment's columns beyond its own rank 0."""
         rank = self.counts["lowrank_a"] // self.tokens  # (S,)
         r, dev = int(rank.max()), self.data["lowrank_a"].device
         if int(rank.min()) == r:  # one rank throughout: views, no gather
             view = lambda name, *lead: self.data[name].reshape(self.data[name].shape[0], *lead, r)  # noqa: E731
             a, b = view("lowrank_a", -1), view("lowrank_b", self.segments, self.head_dim)
+            a = a if tokens is None else a[:, tokens.to(dev)]
             if "lowrank_a_scale" in self.data:
                 a_scale = view("lowrank_a_scale", self.segments)[:, segment.to(dev)]
                 b_scale = view("lowrank_b_scale", self.segments, 1)
@@ -178,21 +188,36 @@ class Packed:
             return lowrank.factor(a, a_scale), lowrank.factor(b, b_scale), segment.to(dev)
         return a.float(), b.float(), segment.to(dev)
 
-    def rebuilt(self) -> torch.Tensor:
-        """Every stored token, (H, N, D) in the model dtype, in packed order (chunk.rebuild, and
-        the outliers written over it: bitwise what decompress gives for each chunk)."""
+    def rebuilt(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored tokens `tokens` ((n,) packed indices, CPU long; None: every one, in packed
+        order), (H, n, D) in the model dtype (chunk.rebuild, and the outliers written over it:
+        bitwise what decompress gives for each chunk)."""
         segment, local = self.token_map()
+        if tokens is not None:
+            segment, local = segment[tokens], local[tokens]
         axes = {f.name: f.axis for f in self.fields}
-        aligned = {f.name: self._token_aligned(f.name, f.axis, segment, local) for f in self.quantizer.fields}
-        factors = self._factors(segment, local) if "lowrank_a" in axes else None
+        aligned = {f.name: self._token_aligned(f.name, f.axis, segment, local, tokens is None) for f in self.quantizer.fields}
+        factors = self._factors(segment, local, tokens) if "lowrank_a" in axes else None
         out = rebuild(self.quantizer, aligned, factors, self.head_dim, self.dtype)
         if "outlier_values" in axes:
-            heads, n_tok, dim = out.shape
-            owner = torch.repeat_interleave(torch.arange(self.segments), self.counts["outlier_index"])
-            first_token = _exclusive(self.tokens)[owner].to(out.device)
-            where = first_token * dim + self.data["outlier_index"].long()  # (H, n) flat in (N, D)
-            out = outliers.apply(out.reshape(heads, -1), self.data["outlier_values"], where).reshape(heads, n_tok, dim)
+            out = self._with_outliers(out, tokens)
         return out
+
+    def _with_outliers(self, out: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+        """out (H, n, D) of the tokens `tokens` (None: all) with their outliers written over it."""
+        heads, n_tok, dim = out.shape
+        owner = torch.repeat_interleave(torch.arange(self.segments), self.counts["outlier_index"])
+        first_token = _exclusive(self.tokens)[owner].to(out.device)
+        index = self.data["outlier_index"].long()  # (H, n) flat t * D + d in its segment
+        if tokens is None:
+            where = first_token * dim + index  # flat in (N, D)
+            return outliers.apply(out.reshape(heads, -1), self.data["outlier_values"], where).reshape(out.shape)
+        # each token's row in out; the outliers of tokens not asked for go to a spare row, dropped
+        row = torch.full((len(self._tokens[0]),), n_tok, dtype=torch.long)
+        row[tokens] = torch.arange(n_tok)
+        where = row.to(out.device)[first_token + index // dim] * dim + index % dim
+        spare = torch.cat([out, out.new_zeros(heads, 1, dim)], 1).reshape(heads, -1)
+        return outliers.apply(spare, self.data["outlier_values"], where).reshape(heads, n_tok + 1, dim)[:, :n_tok]
 
     def dense(self, batch: int, first: int, last: int) -> torch.Tensor:
         """(batch, H, last - first, D): each stored token at its row and position, zeros elsewhere."""

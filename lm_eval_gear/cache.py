@@ -13,7 +13,9 @@ store's tokens followed by the buffer, by one of three paths:
 - packed Triton (use_gear_attention, kernel=triton or auto on CUDA): lm_eval_gear.attention
   reads the store itself with gear_kernels.triton_attention, and no working copy is built;
 - packed torch (use_gear_attention, kernel=torch): the same hand-over, read by
-  gear_kernels.attention_reference.decode_attention_torch, the reference of packed Triton.
+  gear_kernels.attention_reference.decode_attention_torch, the reference of packed Triton,
+  which rebuilds the store a block of tokens at a time: what it builds beside the store stays
+  one block, however long the context (gear-hf's attention=packed on CPU).
 
 A row's left padding comes from the prompt's attention_mask (given to the cache, or to reset)
 or, where transformers hands the cache the position ids (generate() derives them from the
@@ -36,6 +38,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from gear_kernels import GearConfig, compress, decompress, resolve_kernel
+from gear_kernels.attention_reference import block_bytes
 from gear_kernels.rotation import check_head_dim, hadamard_signs, rotation_of
 from gear_kernels.store import STORED, KVStore, SinkPart
 
@@ -301,11 +304,17 @@ class GearLayer(CacheLayerMixin):
             return self.buffer_k, self.buffer_v
         return torch.cat([keys, self.buffer_k], dim=-2), torch.cat([values, self.buffer_v], dim=-2)
 
-    def working_bytes(self) -> int:
-        """Bytes of the rebuilt path's working copy, kept between steps (see reconstruct)."""
+    def working_bytes(self) -> tuple[int, bool]:
+        """Bytes built beside the store for attention, and whether only while the layer attends:
+        the rebuilt path's working copy, kept between steps (see reconstruct), or the packed
+        torch path's largest block (gear_kernels.attention_reference); the packed Triton path
+        builds none."""
+        if self.reads_packed:
+            held = self.store is not None and self.kernel == "torch"
+            return (block_bytes(self.store) if held else 0), True
         if self.decoded is None or self.decoded[0] is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in self.decoded)
+            return 0, False
+        return sum(t.numel() * t.element_size() for t in self.decoded), False
 
     def packed(self) -> PackedKV:
         """What attention reads: the layer's store, the exact buffer (the first time, with a
@@ -460,8 +469,10 @@ class GearCache(Cache):
     def memory_report(self) -> dict:
         """Bytes actually stored, per layer and in total, by component, against DynamicCache.
 
-        `working_bytes` is apart: the rebuilt path's working copy of the store, kept between
-        decode steps (a speed-up that the packed paths do without).
+        `working_bytes` is apart: what attention builds beside the stores; the rebuilt path's
+        working copies, kept between decode steps (a speed-up that the packed paths do
+        without), add up; the packed torch path's blocks exist one layer at a time, so the
+        largest counts.
         """
         per_layer = [_layer_report(layer) for layer in self.layers]
         total = {c: sum(r["bytes"][c] for r in per_layer) for c in COMPONENTS}
@@ -475,7 +486,8 @@ class GearCache(Cache):
             "elements": elements,
             "bits_per_element": 8 * stored / elements if elements else 0.0,
             "ratio": dense / stored if stored else 1.0,
-            "working_bytes": sum(r["working_bytes"] for r in per_layer),
+            "working_bytes": sum(r["working_bytes"] for r in per_layer if not r["transient"])
+            + max((r["working_bytes"] for r in per_layer if r["transient"]), default=0),
             "per_layer": per_layer,
         }
 
@@ -501,8 +513,8 @@ def _layer_report(layer: CacheLayerMixin) -> dict:
         parts["buffer"] += t.numel() * t.element_size()
         elements += t.numel()
         dense += t.numel() * t.element_size()
-    working = layer.working_bytes() if isinstance(layer, GearLayer) else 0
-    return {"bytes": parts, "elements": elements, "dense_bytes": dense, "working_bytes": working}
+    working, transient = layer.working_bytes() if isinstance(layer, GearLayer) else (0, False)
+    return {"bytes": parts, "elements": elements, "dense_bytes": dense, "working_bytes": working, "transient": transient}
 
 
 def model_head_dim(model_config) -> int:

@@ -46,7 +46,7 @@ from .attention import use_gear_attention
 from .cache import COMPONENTS, GearCache, left_padding, model_head_dim
 from .compat import cache_kwarg
 from .fidelity import paired_teacher_forced
-from .model_args import check_model_config, fidelity_option, response_cache_tag, split_model_args
+from .model_args import attention_option, check_model_config, fidelity_option, response_cache_tag, split_model_args
 from .paired import FidelityRecorder, Generated, Rolled, Scored
 from .paired import summary_line as fidelity_line
 from .scoring import score_requests, sharing_order, window
@@ -124,9 +124,11 @@ MEMORY_NOTES = {
     "peak_kv_cache_bytes": "the largest single cache at its fullest (a generate batch at its "
     "last token, or a batch of scored requests)",
     "peak_working_bytes": "the largest working copy beside a cache, not in total_bytes: the rebuilt "
-    "path (the CPU default) keeps each layer's keys and values rebuilt from the store between decode "
-    "steps, so a step costs what it costs with an exact cache; 0 on the packed paths, which read "
-    "the store itself",
+    "path (attention=rebuilt, the CPU default) keeps each layer's keys and values rebuilt from the "
+    "store between decode steps, so a step costs what it costs with an exact cache; the packed torch "
+    "path (attention=packed on CPU) rebuilds one block of a layer's tokens at a time (its model-dtype "
+    "and fp32 copies), whatever the context's length; 0 on the packed Triton path, which reads the "
+    "store itself",
     "peak_device_allocated_bytes": "torch.cuda.max_memory_allocated during the run (weights, "
     "activations and caches together); null on CPU",
     "response_cache": "the lm-eval response-cache file (--use_cache) of the run, or null",
@@ -139,9 +141,11 @@ class GearHFLM(HFLM):
     def __init__(self, pretrained: Any = None, **kwargs: Any) -> None:
         # validated before anything loads: a bad option stops the run at once
         self.fidelity = fidelity_option(kwargs)
-        self.gear_config, kwargs = split_model_args(kwargs)  # without the GEAR and run options
+        self.gear_config, hf_kwargs = split_model_args(kwargs)  # without the GEAR and run options
+        self.attention = attention_option(kwargs, self.gear_config)  # resolved below, once the device is known
+        kwargs = hf_kwargs
         self._embedded_default = pretrained is None
-        self._response_cache_tag = response_cache_tag(self.gear_config, pretrained)
+        self._response_cache_tag = response_cache_tag(self.gear_config, pretrained, self.attention)
         self._response_cache: str | None = None  # lm-eval's response cache file, when on
         if pretrained is None:
             if kwargs.get("gguf_file"):
@@ -166,7 +170,9 @@ class GearHFLM(HFLM):
                 f"gear-hf: method={self.gear_config.method} needs a decoder-only model; this one is "
                 f"{self.backend}. Use method=none (or --model hf)."
             )
-        if self.gear_config.compresses and resolve_kernel(self.gear_config.kernel, self.device) == "triton":
+        if self.attention == "auto":
+            self.attention = "packed" if resolve_kernel(self.gear_config.kernel, self.device) == "triton" else "rebuilt"
+        if self.gear_config.compresses and self.attention == "packed":
             use_gear_attention(self.model)  # decode attention reads the packed cache directly
         if self.gear_config.compresses:
             warning = oversize_warning(self.gear_config, model_head_dim(self.model.config), self.model.dtype)
@@ -430,7 +436,8 @@ class GearHFLM(HFLM):
             memory["notes"]["response_cache"] = (
                 "responses read from lm-eval's response cache ran no KV cache in this run and are not measured"
             )
-        summary = {"config": {**self.gear_config.as_dict(), "fidelity": self.fidelity}, "memory": memory}
+        summary = {"config": {**self.gear_config.as_dict(), "fidelity": self.fidelity, "attention": self.attention},
+                   "memory": memory}
         if self.fidelity:
             summary["fidelity"] = self._fidelity_total.summary()
         return summary
@@ -521,7 +528,7 @@ def summary_line(summary: dict[str, Any]) -> str:
     parts = ", ".join(f"{k} {_size(v)}" for k, v in mem["bytes"].items())
     peak = f"peak cache {_size(mem['peak_kv_cache_bytes'])}"
     if mem["peak_working_bytes"]:
-        peak += f" (+ {_size(mem['peak_working_bytes'])} working copy, rebuilt path)"
+        peak += f" (+ {_size(mem['peak_working_bytes'])} working copy, {cfg['attention']} path)"
     if mem["peak_device_allocated_bytes"] is not None:
         peak += f", peak device memory {_size(mem['peak_device_allocated_bytes'])}"
     return (

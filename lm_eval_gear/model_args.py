@@ -22,8 +22,10 @@ from gear_kernels.rotation import check_head_dim, rotation_of
 
 GEAR_OPTIONS: tuple[str, ...] = GearConfig.field_names()
 # gear-hf's options that are not compression settings: fidelity=true also runs the exact model
-# on every request and reports the distance (lm_eval_gear.paired)
-RUN_OPTIONS: tuple[str, ...] = ("fidelity",)
+# on every request and reports the distance (lm_eval_gear.paired); attention picks the path that
+# reads the cache (lm_eval_gear.cache): auto is packed where the kernel is Triton, rebuilt elsewhere
+RUN_OPTIONS: tuple[str, ...] = ("fidelity", "attention")
+ATTENTION_PATHS: tuple[str, ...] = ("auto", "rebuilt", "packed")
 OPTIONS = GEAR_OPTIONS + RUN_OPTIONS
 
 # What other KV-cache tools call these options (transformers' QuantizedCacheConfig, KIVI, the
@@ -174,11 +176,24 @@ def fidelity_option(args: dict[str, Any]) -> bool:
     raise GearConfigError(f"gear-hf: invalid --model_args: fidelity={raw!r} is invalid: allowed true or false")
 
 
+def attention_option(args: dict[str, Any], config: GearConfig) -> str:
+    """The value of ``attention`` (default auto), checked against the config's kernel."""
+    path = args.get("attention", "auto")
+    if path not in ATTENTION_PATHS:
+        raise GearConfigError(f"gear-hf: invalid --model_args: attention={path!r} is invalid: allowed "
+                              f"{', '.join(ATTENTION_PATHS)}")
+    if path == "rebuilt" and config.kernel == "triton":
+        raise GearConfigError("gear-hf: invalid --model_args: kernel=triton attends straight from the packed cache, "
+                              "attention=rebuilt through a rebuilt copy: use kernel=auto or torch with it")
+    return path
+
+
 def check_model_args(args: dict[str, Any] | None) -> GearConfig:
     """Everything about ``--model_args`` that can be checked without loading the model."""
     args = dict(args or {})
     config, rest = split_model_args(args)
     fidelity_option(args)
+    attention_option(args, config)
     if args.get("pretrained") is None:
         if rest.get("gguf_file"):
             raise GearConfigError("gear-hf: gguf_file needs pretrained=<folder or hub id>")
@@ -224,11 +239,14 @@ def _model_config(pretrained: Any, hf_args: dict[str, Any]) -> Any:
         return None
 
 
-def response_cache_tag(config: GearConfig, pretrained: Any) -> str:
-    """The suffix gear-hf gives lm-eval's --use_cache path: a digest of the GEAR config and the model.
+def response_cache_tag(config: GearConfig, pretrained: Any, attention: str = "auto") -> str:
+    """The suffix gear-hf gives lm-eval's --use_cache path: a digest of the GEAR config, the
+    attention path when one is named, and the model.
 
-    lm-eval keys a cached response by its request alone, so two configurations (or models) that
-    shared a file would read each other's answers.
+    lm-eval keys a cached response by its request alone, so two configurations (or models, or
+    paths, which round apart) that shared a file would read each other's answers.
     """
     key = {"gear": config.as_dict(), "pretrained": None if pretrained is None else str(pretrained)}
+    if attention != "auto":
+        key["attention"] = attention
     return "_gear-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]

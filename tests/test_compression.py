@@ -304,6 +304,25 @@ def test_batch_rows_compress_as_if_alone(method, backbone, kind):
         assert_same_bytes(together.select_rows(torch.tensor([row])), compress(x[row:row + 1], config, kind))
 
 
+@pytest.mark.parametrize("method", LOSSY)
+@pytest.mark.parametrize("backbone", list(QUANTIZERS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_long_chunk_compresses_a_few_slices_at_a_time_to_the_same_bytes(method, backbone, kind, monkeypatch):
+    """A long prompt's slices are compressed a pass at a time (bounding its temporaries): the
+    bytes are those of one pass over all of them."""
+    from gear_kernels import chunk
+
+    x = with_outliers(randn(2, 3, 45, 32, seed=3))
+    config = config_of(method, backbone=backbone, group_size=16, bits=min(QUANTIZERS[backbone].allowed_bits))
+    together = compress(x, config, kind)
+    passes = []
+    rows = chunk._compress_rows
+    monkeypatch.setattr(chunk, "_compress_rows", lambda xs, *args: passes.append(len(xs)) or rows(xs, *args))
+    monkeypatch.setattr(chunk, "ROWS_ELEMENTS", 2 * 45 * 32)
+    assert_same_bytes(compress(x, config, kind), together)
+    assert passes == [2, 2, 2]
+
+
 def test_select_rows_reorders_like_the_input():
     x = randn(3, 2, 20, 16)
     config = GearConfig(method="gear")

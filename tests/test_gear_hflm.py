@@ -92,6 +92,30 @@ def test_compression_error_shrinks_with_bits(tiny):
     assert eight < 0.01 * max(abs(e) for e in exact)
 
 
+def test_packed_attention_on_cpu_scores_as_the_rebuilt_path_with_a_block_beside_the_store(tiny, monkeypatch):
+    """attention=packed on CPU: the packed torch path, in blocks (of 8 tokens here), answers as
+    the rebuilt path does, and reports one block of working copy where the rebuilt path reports
+    every layer's keys and values."""
+    from gear_kernels import attention_reference
+
+    monkeypatch.setattr(attention_reference, "BLOCK_TOKENS", 8)
+    requests, gens = _ll_requests(6, seed=2), _gen_requests(TEXTS[:2], max_gen_toks=10)
+    runs = {}
+    for path in ("rebuilt", "packed"):
+        lm = GearHFLM(pretrained=tiny, device="cpu", batch_size=3, method="gear", bits=2, attention=path, **SMALL)
+        runs[path] = (lm._loglikelihood_tokens(requests), lm.generate_until(gens, disable_tqdm=True), lm.gear_summary())
+    (ll_rebuilt, gen_rebuilt, rebuilt), (ll_packed, gen_packed, packed) = runs["rebuilt"], runs["packed"]
+    assert [g for g, _ in ll_packed] == pytest.approx([g for g, _ in ll_rebuilt], abs=1e-4)
+    assert gen_packed == gen_rebuilt
+    assert (rebuilt["config"]["attention"], packed["config"]["attention"]) == ("rebuilt", "packed")
+    assert packed["memory"]["total_bytes"] == rebuilt["memory"]["total_bytes"]
+    lm = GearHFLM(pretrained=tiny, device="cpu", batch_size=1, method="gear", bits=2, attention="packed", **SMALL)
+    config = lm.model.config
+    heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    block = 2 * 8 * heads * dim * (4 + 4)  # one row's 8 tokens of K and V, fp32 model and fp32 copy
+    assert packed["memory"]["peak_working_bytes"] == block < rebuilt["memory"]["peak_working_bytes"]
+
+
 def test_rolling_loglikelihood_streams_the_whole_text(tiny):
     lm = GearHFLM(pretrained=tiny, device="cpu", batch_size=2, method="gear", bits=4, buffer_size=32, group_size=8)
     hf = HFLM(pretrained=tiny, device="cpu", batch_size=2)

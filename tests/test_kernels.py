@@ -30,7 +30,7 @@ from gear_kernels.quantizers import QUANTIZERS  # noqa: E402
 from gear_kernels import triton_attention as ta  # noqa: E402
 from gear_kernels import triton_device as td  # noqa: E402
 from gear_kernels import triton_quantize as tq  # noqa: E402
-from gear_kernels.attention_reference import decode_attention_torch  # noqa: E402
+from gear_kernels.attention_reference import block_plan, decode_attention_torch  # noqa: E402
 from gear_kernels.chunk import compress as compress_torch  # noqa: E402
 from gear_kernels.rotation import hadamard_signs  # noqa: E402
 from gear_kernels.store import KVStore, SinkPart  # noqa: E402
@@ -535,9 +535,10 @@ def naive_attention(q, store, k_buf, v_buf, scale, rows_k, rows_v, chunks_k, chu
     return torch.stack(outs)
 
 
+@pytest.mark.parametrize("block_tokens", [None, 1, 5, 16])  # one block; blocks across sinks, rows and chunks
 @pytest.mark.parametrize("with_sinks", [False, True])
 @pytest.mark.parametrize("q_len", [1, 3])
-def test_torch_reference_is_attention_over_the_decompressed_cache(q_len, with_sinks):
+def test_torch_reference_is_attention_over_the_decompressed_cache(q_len, with_sinks, block_tokens):
     config = GearConfig(method="gear", bits=4, group_size=8, buffer_size=8)
     gen = lambda n, seed, kind: kv(1, 2, n, 16, torch.float32, seed, kind)  # noqa: E731
     rows_k = [gen(9, 1, "key"), None, gen(20, 2, "key")]
@@ -557,9 +558,30 @@ def test_torch_reference_is_attention_over_the_decompressed_cache(q_len, with_si
     k_buf = kv(3, 2, 4, 16, torch.float32, 1, "key")
     v_buf = kv(3, 2, 4, 16, torch.float32, 2, "value")
     q = kv(3, 6, q_len, 16, torch.float32, 3, "value")
-    ours = decode_attention_torch(q, store, k_buf, v_buf, 0.3)
+    ours = decode_attention_torch(q, store, k_buf, v_buf, 0.3, block_tokens)
     want = naive_attention(q, store, k_buf, v_buf, 0.3, rows_k, rows_v, chunks_k, chunks_v, sinks)
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,backbone,bits", compositions())
+def test_every_composition_attends_alike_in_blocks(method, backbone, bits):
+    """The packed torch path block by block = in one block, for each quantizer x corrections
+    (blocks of 7 tokens cut rows, groups, chunks and outlier buckets anywhere), and the store
+    holds its block plan once."""
+    config = GearConfig(method=method, backbone=backbone, bits=bits, buffer_size=16)
+    store = make_store(config, 2, 2, 64, torch.float32, (37, 20), 2, 11)
+    k_buf, v_buf = kv(2, 2, 3, 64, torch.float32, 1, "key"), kv(2, 2, 3, 64, torch.float32, 2, "value")
+    q = kv(2, 4, 1, 64, torch.float32, 3, "value")
+    whole = decode_attention_torch(q, store, k_buf, v_buf, 0.125, block_tokens=10**6)
+    blocked = decode_attention_torch(q, store, k_buf, v_buf, 0.125, block_tokens=7)
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-6)
+    plan = block_plan(store, 7)
+    assert plan.blocks == 10 and block_plan(store, 7) is plan  # 69 tokens in row 0
+    for part in (store.keys, store.values):
+        rebuilt = part.rebuilt()
+        for first in range(0, len(plan.order), 7):  # any subset of tokens rebuilds as they do in the whole
+            tokens = plan.order[first:first + 7]
+            assert torch.equal(part.rebuilt(tokens), rebuilt[:, tokens])
 
 
 @pytest.mark.parametrize("fn", [decode_attention_torch, ta.decode_attention_triton])

@@ -80,6 +80,18 @@ def test_bad_values_name_the_option_and_the_choices(args, message):
     assert str(err.value) == f"gear-hf: invalid --model_args: {message}"
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    ({"attention": "flash"}, "attention='flash' is invalid: allowed auto, rebuilt, packed"),
+    ({"attention": "rebuilt", "kernel": "triton"}, "kernel=triton attends straight from the packed cache, "
+     "attention=rebuilt through a rebuilt copy: use kernel=auto or torch with it"),
+])
+def test_bad_attention_paths_are_refused_before_loading(args, message, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # kernel=triton passes its own check here
+    with pytest.raises(GearConfigError) as err:
+        check_model_args({"pretrained": "m", **args})
+    assert str(err.value) == f"gear-hf: invalid --model_args: {message}"
+
+
 @pytest.mark.parametrize(("key", "hints"), [
     ("bit", ["bits"]), ("metod", ["method"]), ("buffer", ["buffer_size"]), ("outlier_ration", ["outlier_ratio"]),
     ("group", ["group_size"]), ("gear_bits", ["bits"]), ("gear_seeds", ["seed"]),

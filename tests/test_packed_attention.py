@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gear_kernels import attention_reference
+from gear_kernels.codecs import METHODS
 from gear_kernels.quantizers import QUANTIZERS
 from lm_eval_gear import GearCache, GearConfig, use_gear_attention
 from lm_eval_gear.attention import gear_attention, hand_over
@@ -78,6 +80,20 @@ def test_a_rotated_store_attends_alike_on_both_paths(method):
     assert (triton_path - torch_path).abs().max() / scale < TOL[torch.float32]
     unrotated = _forced(plain, ids, mask, continuation, "torch", method=method)
     assert (unrotated - torch_path).abs().max() / scale > 100 * TOL[torch.float32]  # the rotation did something
+
+
+@pytest.mark.parametrize("options", [*({"method": m} for m in METHODS if GearConfig(method=m).compresses),
+                                     {"method": "kivi", "sink_tokens": 3, "rotation": "hadamard"}], ids=str)
+def test_the_packed_torch_path_in_blocks_attends_as_the_rebuilt_path(options, monkeypatch):
+    """kernel=torch under use_gear_attention: the store read in blocks of 5 tokens a row (so
+    blocks cut prompts, chunks, sinks and padding) gives the rebuilt path's logits."""
+    monkeypatch.setattr(attention_reference, "BLOCK_TOKENS", 5)
+    plain, packed = _pair("llama", torch.float32)
+    ids, mask = left_padded([prompts(1, n, seed=n)[0] for n in (13, 5, 22)])
+    continuation = prompts(3, 11, seed=7)
+    rebuilt = _forced(plain, ids, mask, continuation, "torch", **options)
+    blocked = _forced(packed, ids, mask, continuation, "torch", **options)
+    assert (blocked - rebuilt).abs().max() <= TOL[torch.float32] * rebuilt.abs().max()
 
 
 def test_packed_scoring_pieces_match_the_torch_path():
