@@ -4,9 +4,12 @@
     python -m benchmarks.frontier --pretrained PATH_OR_HUB_ID   # the same sweep on your model
     python -m benchmarks.frontier --recheck benchmarks/frontier.json --first 8   # the picks, other prompts
     python -m benchmarks.frontier --smoke                       # a few configs, seconds
+    python -m benchmarks.frontier --task niah --recheck benchmarks/frontier.json --questions 4   # at 4k, needles
 
 Every config runs in one process on the same prompts (by default GSM8K test questions behind
-the paper's 8-shot prompt; --task aqua or bbh:<subtask> for the others): the exact model
+the paper's 8-shot prompt; --task aqua or bbh:<subtask> for the others; --task niah for RULER's
+niah_single_1 documents at --length tokens, built by lm-eval's own code, where each cache, the
+exact one too, also answers greedily and is scored by the needles its answer holds): the exact model
 prefills each prompt once and greedily generates `--tokens` tokens; each cache then gets the
 same exact prompt keys and values (compressing them as after a prefill) and is teacher-forced
 along that continuation in pieces that end where its buffer flushes (lm_eval_gear.forcing:
@@ -46,13 +49,14 @@ from transformers import DynamicCache, QuantizedCache
 from gear_kernels import GearConfig
 from lm_eval_gear import GearCache
 from lm_eval_gear.cache import model_head_dim
+from lm_eval_gear.calibration import compressed_bits, forced_logits, prefill
 from lm_eval_gear.compat import cache_kwarg
 from lm_eval_gear.fidelity import agreement, exact_run
-from lm_eval_gear.forcing import buffer_pieces
 from lm_eval_gear.tasks import gear_cot
 from benchmarks.fidelity import stored_bytes
 from benchmarks.smollm2 import DEFAULT_DATA_DIR, load_smollm2
-from benchmarks.turboquant_cache import compressed_bits, turboquant_cache
+from benchmarks.turboquant_cache import compressed_bits as turboquant_bits
+from benchmarks.turboquant_cache import turboquant_cache
 
 BUDGETS = (2.5, 3.0, 3.5, 4.5)
 SLACK = 0.05  # bits a config may store beyond a budget and still fit it (partial groups, index widths)
@@ -60,6 +64,7 @@ SLACK = 0.05  # bits a config may store beyond a budget and still fit it (partia
 # a sink or a partial quantization group costs more bits per element.
 RESERVE = 0.03
 BUFFER = 64  # every cache's exact window (GEAR's buffer, the peers' residual length)
+NEEDLE_TOKENS = 24  # tokens of a greedy answer searched for the needles (--task niah)
 
 
 def _product(**axes) -> list[dict]:
@@ -139,41 +144,51 @@ def make_cache(entry, model):
 def bits_stored(cache, model) -> float:
     """Stored bits per element of the compressed part of a cache (its exact buffer left out)."""
     if isinstance(cache, GearCache):
-        report = cache.memory_report()
-        buffer_bytes = report["bytes"]["buffer"]
-        elements = report["elements"] - buffer_bytes // model.dtype.itemsize
-        return 8 * (report["total_bytes"] - buffer_bytes) / elements
+        return compressed_bits(cache)
     if isinstance(cache, QuantizedCache):
         held = sum(stored_bytes(layer._quantized_keys) + stored_bytes(layer._quantized_values) for layer in cache.layers)
         cfg, layer = model.config, cache.layers[0]
         quantized = layer.cumulative_length - (layer.keys.shape[-2] if layer.keys.dim() == 4 else 0)
         elements = 2 * len(cache.layers) * cfg.num_key_value_heads * model_head_dim(cfg) * quantized
         return 8 * held / elements
-    return compressed_bits(cache)
+    return turboquant_bits(cache)
 
 
-@torch.no_grad()
-def prefill(model, ids: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """ids (1, P) -> each layer's exact (keys, values) and the next-token logits (1, vocab)."""
-    cache = DynamicCache(config=model.config)
-    logits = model(ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache}).logits[:, -1]
-    return [(layer.keys, layer.values) for layer in cache.layers], logits.float()
-
-
-@torch.no_grad()
 def forced(model, entry, kv, first_logits: torch.Tensor, continuation: torch.Tensor, cache=None):
     """The cache's next-token logits (n, vocab) along continuation (1, n), from the exact prompt
     keys and values `kv`, and the cache's stored bits. cache: a fresh one to use instead of the
     entry's (benchmarks/turboquant_seeds.py gives the peer other seeds)."""
     if cache is None:
         cache = DynamicCache(config=model.config) if entry == "exact" else make_cache(entry, model)
+    logits = forced_logits(model, cache, kv, first_logits, continuation, BUFFER)
+    return logits, None if entry == "exact" else bits_stored(cache, model)
+
+
+@torch.no_grad()
+def generated(model, entry, kv, first_logits: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The cache's greedy continuation (tokens,) from the exact prompt keys and values `kv`."""
+    cache = DynamicCache(config=model.config) if entry == "exact" else make_cache(entry, model)
     for i, (keys, values) in enumerate(kv):
-        cache.update(keys, values, i)  # as the prefill hands them over: compressed after it
-    start, stop = kv[0][0].shape[-2], kv[0][0].shape[-2] + continuation.shape[1] - 1
-    steps = [first_logits] + [
-        model(continuation[:, a - start : b - start], use_cache=True, **{cache_kwarg(model): cache}).logits[0].float()
-        for a, b in buffer_pieces(start, stop, start, BUFFER)]
-    return torch.cat(steps), None if entry == "exact" else bits_stored(cache, model)
+        cache.update(keys, values, i)
+    out = [first_logits.argmax(-1)]  # (1,)
+    for _ in range(tokens - 1):
+        out.append(model(out[-1][:, None], use_cache=True, **{cache_kwarg(model): cache}).logits[:, -1].argmax(-1))
+    return torch.cat(out)
+
+
+def needles_found(text: str, needles: list[str]) -> float:
+    """RULER's string_match_all on one answer: the share of the needles the text holds."""
+    return sum(n.lower() in text.lower() for n in needles) / len(needles)
+
+
+def niah_prompts(tokenizer_dir: str, length: int, first: int, count: int) -> list[tuple[str, list[str]]]:
+    """RULER's niah_single_1 documents [first, first + count) at `length` tokens, built as
+    lm-eval builds them (locally, with the model's tokenizer): (prompt, needles), the prompt
+    being the document's input and its answer prefix."""
+    from lm_eval.tasks.ruler.niah_utils import niah_single_1
+
+    docs = niah_single_1(max_seq_lengths=[length], tokenizer=tokenizer_dir)["test"]
+    return [(f"{docs[i]['input']} {docs[i]['gen_prefix']}", list(docs[i]["outputs"])) for i in range(first, first + count)]
 
 
 def task_prompts(task: str, data_dir: Path, first: int, count: int) -> list[str]:
@@ -185,15 +200,20 @@ def task_prompts(task: str, data_dir: Path, first: int, count: int) -> list[str]
         load, prompt = getattr(gear_cot, f"load_{task}"), getattr(gear_cot, f"{task}_prompt")
         docs = load(gear_data_dir=str(data_dir))["test"]
     else:
-        raise SystemExit(f"--task {task!r}: use gsm8k, aqua or bbh:<subtask> (e.g. bbh:boolean_expressions)")
+        raise SystemExit(f"--task {task!r}: use gsm8k, aqua, bbh:<subtask> (e.g. bbh:boolean_expressions) or niah")
     if first + count > len(docs):
         raise SystemExit(f"--task {task} has {len(docs)} questions; --first {first} --questions {count} asks beyond them")
     return [prompt(docs[i]) for i in range(first, first + count)]
 
 
-def sweep(model, tokenizer, prompts: list[str], entries, tokens: int) -> dict[str, dict]:
-    """label -> {options or peer, kl, top1, stored_bits, stored_bits_max}, averaged over the prompts."""
+def sweep(model, tokenizer, prompts: list[str], entries, tokens: int,
+          needles: list[list[str]] | None = None, answer_tokens: int = NEEDLE_TOKENS) -> dict[str, dict]:
+    """label -> {options or peer, kl, top1, stored_bits, stored_bits_max}, averaged over the
+    prompts; with each prompt's needles, also `needles`: the share its greedy answer of
+    answer_tokens tokens holds (RULER's string match), "exact" among the rows."""
     per = {(label(e) if isinstance(e, dict) else e): [] for e in entries}
+    if needles is not None:
+        per["exact"] = []
     for i, prompt in enumerate(prompts):
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         continuation, _ = exact_run(model, ids, tokens)
@@ -202,11 +222,18 @@ def sweep(model, tokenizer, prompts: list[str], entries, tokens: int) -> dict[st
         for entry, name in zip(entries, per):
             logits, bits = forced(model, entry, kv, first, continuation)
             per[name].append({**agreement(exact, logits), "stored_bits": bits})
+        if needles is not None:
+            per["exact"].append({"kl": 0.0, "top1": 1.0, "stored_bits": 8 * model.dtype.itemsize})
+            for entry, name in zip([*entries, "exact"], per):
+                answer = tokenizer.decode(generated(model, entry, kv, first, answer_tokens))
+                per[name][-1]["needles"] = needles_found(answer, needles[i])
         print(f"prompt {i + 1}/{len(prompts)} ({ids.shape[1]} tokens) done", flush=True)
+    entries = [*entries, "exact"] if needles is not None else entries
     rows = {}
     for entry, (name, runs) in zip(entries, per.items()):
         means = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
-        rows[name] = {"options": entry, "peer": None} if isinstance(entry, dict) else {"options": None, "peer": entry}
+        own, peer = (entry, None) if isinstance(entry, dict) else (None, None if entry == "exact" else entry)
+        rows[name] = {"options": own, "peer": peer}  # the exact row: neither, so never a pick
         rows[name] |= means | {"stored_bits_max": max(r["stored_bits"] for r in runs)}
     return rows
 
@@ -234,10 +261,11 @@ def picks(rows: dict[str, dict], budgets=BUDGETS, chosen: dict[float, str] | Non
         kivi = best([n for n in fits if _plain_kivi(rows[n]["options"])])
         entry = {"budget_bits": budget}
         if ours is not None:
-            entry |= {key: rows[ours][key] for key in ("options", "stored_bits", "stored_bits_max", "kl", "top1")}
+            entry |= {key: rows[ours][key] for key in ("options", "stored_bits", "stored_bits_max", "kl", "top1", "needles")
+                      if key in rows[ours]}
         for key, name in (("best_peer", peer), ("best_plain_kivi", kivi)):
             if name is not None:
-                entry[key] = {"name": name, "stored_bits": rows[name]["stored_bits"], "kl": rows[name]["kl"]}
+                entry[key] = {k: rows[name][k] for k in ("stored_bits", "kl", "needles") if k in rows[name]} | {"name": name}
         out.append(entry)
     return out
 
@@ -266,15 +294,23 @@ def _plain_kivi(options: dict | None) -> bool:
 
 
 def table(rows: dict[str, dict]) -> str:
-    lines = ["| config | stored bits | most on a prompt | KL (nats) | top-1 |", "|---|---:|---:|---:|---:|"]
+    needles = all("needles" in r for r in rows.values())
+    lines = ["| config | stored bits | most on a prompt | KL (nats) | top-1 |" + (" needles found |" if needles else ""),
+             "|---|---:|---:|---:|---:|" + ("---:|" if needles else "")]
     for name, r in sorted(rows.items(), key=lambda item: item[1]["stored_bits"]):
-        lines.append(f"| {name} | {r['stored_bits']:.2f} | {r['stored_bits_max']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} |")
+        lines.append(f"| {name} | {r['stored_bits']:.2f} | {r['stored_bits_max']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} |"
+                     + (f" {r['needles']:.2f} |" if needles else ""))
     return "\n".join(lines)
 
 
 def picks_table(chosen: list[dict]) -> str:
-    lines = ["| budget | pick | stored bits (most on a prompt) | KL | best peer (KL) | pick / peer | best plain kivi (KL) "
-             "| pick / kivi |", "|---:|---|---:|---:|---|---:|---|---:|"]
+    """The picks beside the best peer and plain KIVI config; with needles (--task niah), each
+    one's share of needles found after its KL."""
+    needles = any("needles" in p for p in chosen)
+    found = lambda r: f", {r['needles']:.2f}" if needles else ""  # noqa: E731
+    lines = [f"| budget | pick | stored bits (most on a prompt) | KL{', needles' if needles else ''} "
+             f"| best peer (KL{', needles' if needles else ''}) | pick / peer "
+             f"| best plain kivi (KL{', needles' if needles else ''}) | pick / kivi |", "|---:|---|---:|---:|---|---:|---|---:|"]
     for p in chosen:
         if "options" not in p:
             lines.append(f"| {p['budget_bits']} | nothing fits | | | | | | |")
@@ -282,10 +318,10 @@ def picks_table(chosen: list[dict]) -> str:
         cells = []
         for key in ("best_peer", "best_plain_kivi"):
             other = p.get(key)
-            cells += ["-", "-"] if other is None else [f"{other['name']} ({other['kl']:.4f})", f"{p['kl'] / other['kl']:.2f}"]
+            cells += ["-", "-"] if other is None else [f"{other['name']} ({other['kl']:.4f}{found(other)})",
+                                                       f"{p['kl'] / other['kl']:.2f}"]
         lines.append(f"| {p['budget_bits']} | {label(p['options'])} | {p['stored_bits']:.2f} ({p['stored_bits_max']:.2f}) "
-                     f"| {p['kl']:.4f} | "
-                     + " | ".join(cells) + " |")
+                     f"| {p['kl']:.4f}{found(p)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -298,6 +334,8 @@ def plot(rows: dict[str, dict], chosen: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     families = {"kivi": "tab:blue", "gear-l": "tab:orange", "gear": "tab:red"}
     for name, r in rows.items():
+        if r["options"] is None and r["peer"] is None:  # the exact run (--task niah), KL 0
+            continue
         if r["peer"] is not None:
             ax.scatter(r["stored_bits"], r["kl"], marker="s", color="black")
             ax.annotate(name, (r["stored_bits"], r["kl"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -334,7 +372,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pretrained", help="a model folder or hub id (default: the embedded SmolLM2-135M)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="folder laid out like ../shared/data")
-    parser.add_argument("--task", default="gsm8k", help="gsm8k, aqua or bbh:<subtask> (the paper's CoT prompts)")
+    parser.add_argument("--task", default="gsm8k", help="gsm8k, aqua or bbh:<subtask> (the paper's CoT prompts), or "
+                        "niah (RULER's niah_single_1 at --length tokens: needles found too)")
+    parser.add_argument("--length", type=int, default=4096, help="RULER's max_seq_length, with --task niah")
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--first", type=int, default=0, help="skip this many questions")
     parser.add_argument("--tokens", type=int, default=64)
@@ -347,21 +387,30 @@ def main() -> None:
     if args.smoke:
         args.questions, args.tokens = 1, 8
     model, tokenizer = load_model(args.pretrained)
-    prompts = task_prompts(args.task, args.data, args.first, args.questions)
+    needles = None
+    if args.task == "niah":
+        from lm_eval_gear.smollm2 import smollm2_tokenizer_dir
+
+        docs = niah_prompts(args.pretrained or str(smollm2_tokenizer_dir()), args.length, args.first, args.questions)
+        prompts, needles = [p for p, _ in docs], [n for _, n in docs]
+    else:
+        prompts = task_prompts(args.task, args.data, args.first, args.questions)
     grid, peers = (SMOKE_GRID, SMOKE_PEERS) if args.smoke else (project_grid(), PEERS)
     earlier = None
     if args.recheck is not None:
         grid, earlier = rechecked(json.loads(args.recheck.read_text()))
     entries = grid + list(peers)
     began = time.perf_counter()
-    rows = sweep(model, tokenizer, prompts, entries, args.tokens)
+    rows = sweep(model, tokenizer, prompts, entries, args.tokens, needles)
     chosen = picks(rows, chosen=earlier)
     name = args.pretrained or "SmolLM2-135M-Instruct (embedded)"
-    print(f"\n{name}, fp32, {args.task} questions {args.first + 1}-{args.first + len(prompts)} (the paper's CoT prompts), "
-          f"{args.tokens} forced tokens, buffer {BUFFER}, torch {torch.__version__}, "
+    what = f"RULER niah_single_1 at {args.length} tokens, documents" if needles else f"{args.task} questions"
+    print(f"\n{name}, fp32, {what} {args.first + 1}-{args.first + len(prompts)}, "
+          f"{args.tokens} forced tokens{f', {NEEDLE_TOKENS}-token greedy answers' if needles else ''}, buffer {BUFFER}, "
+          f"torch {torch.__version__}, "
           f"{time.perf_counter() - began:.0f} s\n")
     print(table(rows) + "\n\n" + picks_table(chosen))
-    if args.json is None and not args.smoke and args.recheck is None:
+    if args.json is None and not args.smoke and args.recheck is None and args.task == "gsm8k":
         args.json = Path(__file__).with_name("frontier.json")
     if args.json is not None:
         args.json.write_text(json.dumps({"model": name, "task": args.task, "questions": [args.first, args.first + len(prompts)],

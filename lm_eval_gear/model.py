@@ -40,13 +40,23 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from tqdm import tqdm
 
 from gear_kernels import GearConfig, GearConfigError, compress, resolve_kernel
+from gear_kernels.config import SHARED
+from gear_kernels.rotation import check_head_dim
 
 from . import registration
 from .attention import use_gear_attention
+from .calibration import Calibration, calibrate
 from .cache import COMPONENTS, GearCache, left_padding, model_head_dim
 from .compat import cache_kwarg
 from .fidelity import paired_teacher_forced
-from .model_args import attention_option, check_model_config, fidelity_option, response_cache_tag, split_model_args
+from .model_args import (
+    attention_option,
+    budget_option,
+    check_model_config,
+    fidelity_option,
+    response_cache_tag,
+    split_model_args,
+)
 from .paired import FidelityRecorder, Generated, Rolled, Scored
 from .paired import summary_line as fidelity_line
 from .scoring import score_requests, sharing_order, window
@@ -143,9 +153,11 @@ class GearHFLM(HFLM):
         self.fidelity = fidelity_option(kwargs)
         self.gear_config, hf_kwargs = split_model_args(kwargs)  # without the GEAR and run options
         self.attention = attention_option(kwargs, self.gear_config)  # resolved below, once the device is known
+        self.budget = budget_option(kwargs)  # with it, gear_config is chosen below, once the model is loaded
+        self.calibration: Calibration | None = None
+        self._response_cache_tag = response_cache_tag(self.gear_config, pretrained, kwargs)
         kwargs = hf_kwargs
         self._embedded_default = pretrained is None
-        self._response_cache_tag = response_cache_tag(self.gear_config, pretrained, self.attention)
         self._response_cache: str | None = None  # lm-eval's response cache file, when on
         if pretrained is None:
             if kwargs.get("gguf_file"):
@@ -165,6 +177,8 @@ class GearHFLM(HFLM):
             # would repeat the whole run. lm-eval's gathers work over gloo as over NCCL.
             self._rank = accelerator.process_index
             self._world_size = accelerator.num_processes
+        if self.budget is not None:
+            self._calibrate({k: getattr(self.gear_config, k) for k in SHARED})
         if self.gear_config.compresses and self.backend != "causal":
             raise GearConfigError(
                 f"gear-hf: method={self.gear_config.method} needs a decoder-only model; this one is "
@@ -186,6 +200,25 @@ class GearHFLM(HFLM):
         self._windows_scored: dict[int, tuple[float, bool]] | None = None  # see loglikelihood_rolling
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _calibrate(self, shared: dict[str, Any]) -> None:
+        """budget=B: measure the candidates on this model and keep the pick (lm_eval_gear.calibration)."""
+        if self.backend != "causal":
+            raise GearConfigError(f"gear-hf: budget={self.budget} needs a decoder-only model; this one is {self.backend}")
+        rotation = True
+        try:
+            check_head_dim(model_head_dim(self.model.config))
+        except ValueError:
+            rotation = False  # the Hadamard rotation needs a power-of-two head_dim
+        try:
+            self.calibration = calibrate(self.model, self.tokenizer, self.budget, shared, rotation)
+        except ValueError as exc:  # no candidate fits the budget on this model
+            raise GearConfigError(f"gear-hf: {exc}") from None
+        self.gear_config = GearConfig.from_options({**self.calibration.options, **shared})
+        c = self.calibration
+        print(f"gear-hf: budget={c.budget} chose {' '.join(f'{k}={v}' for k, v in c.options.items())}: KL {c.kl:.4f}, "
+              f"top-1 {c.top1:.3f}, {c.stored_bits:.2f} bits stored (at most), over {c.prompts} prompts; "
+              f"{c.candidates} candidates measured in {c.seconds:.0f} s")
 
     def set_cache_hook(self, cache_hook) -> None:
         db = getattr(cache_hook, "dbdict", None)
@@ -438,6 +471,8 @@ class GearHFLM(HFLM):
             )
         summary = {"config": {**self.gear_config.as_dict(), "fidelity": self.fidelity, "attention": self.attention},
                    "memory": memory}
+        if self.calibration is not None:
+            summary["calibration"] = self.calibration.as_dict()
         if self.fidelity:
             summary["fidelity"] = self._fidelity_total.summary()
         return summary

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 import re
 from functools import lru_cache
@@ -18,13 +19,15 @@ import torch
 
 from gear_kernels import GearConfig, GearConfigError
 from gear_kernels.chunk import DTYPES
+from gear_kernels.config import SHARED
 from gear_kernels.rotation import check_head_dim, rotation_of
 
 GEAR_OPTIONS: tuple[str, ...] = GearConfig.field_names()
 # gear-hf's options that are not compression settings: fidelity=true also runs the exact model
 # on every request and reports the distance (lm_eval_gear.paired); attention picks the path that
-# reads the cache (lm_eval_gear.cache): auto is packed where the kernel is Triton, rebuilt elsewhere
-RUN_OPTIONS: tuple[str, ...] = ("fidelity", "attention")
+# reads the cache (lm_eval_gear.cache): auto is packed where the kernel is Triton, rebuilt elsewhere;
+# budget=B chooses the compression settings on the model at start (lm_eval_gear.calibration)
+RUN_OPTIONS: tuple[str, ...] = ("fidelity", "attention", "budget")
 ATTENTION_PATHS: tuple[str, ...] = ("auto", "rebuilt", "packed")
 OPTIONS = GEAR_OPTIONS + RUN_OPTIONS
 
@@ -65,6 +68,8 @@ def split_model_args(args: dict[str, Any]) -> tuple[GearConfig, dict[str, Any]]:
     naming the key or value and the valid choices.
     """
     gear = {k: v for k, v in args.items() if k in GEAR_OPTIONS}
+    if budget_option(args) is not None:  # the method comes from the calibration: for now, its shared options
+        gear = {"method": "kivi", **gear}
     rest = {k: v for k, v in args.items() if k not in OPTIONS}
     for key in rest:
         if key in hflm_arg_names():
@@ -176,6 +181,26 @@ def fidelity_option(args: dict[str, Any]) -> bool:
     raise GearConfigError(f"gear-hf: invalid --model_args: fidelity={raw!r} is invalid: allowed true or false")
 
 
+def budget_option(args: dict[str, Any]) -> float | None:
+    """The value of ``budget`` (stored bits a K/V element), or None; with it, only the options
+    every method shares (buffer_size, seed, kernel) may be given: it chooses the others."""
+    raw = args.get("budget")
+    if raw is None:
+        return None
+    try:
+        budget = float(raw)
+    except (TypeError, ValueError):
+        budget = math.nan
+    if not math.isfinite(budget) or budget <= 0 or isinstance(raw, bool):
+        raise GearConfigError(f"gear-hf: invalid --model_args: budget={raw!r} is invalid: allowed a number of bits "
+                              "a K/V element, e.g. budget=3.0")
+    chosen = [k for k in GEAR_OPTIONS if k in args and k not in SHARED]
+    if chosen:
+        raise GearConfigError(f"gear-hf: invalid --model_args: budget={raw} chooses the method and its options on the "
+                              f"model; drop {', '.join(chosen)} (or drop budget)")
+    return budget
+
+
 def attention_option(args: dict[str, Any], config: GearConfig) -> str:
     """The value of ``attention`` (default auto), checked against the config's kernel."""
     path = args.get("attention", "auto")
@@ -194,6 +219,7 @@ def check_model_args(args: dict[str, Any] | None) -> GearConfig:
     config, rest = split_model_args(args)
     fidelity_option(args)
     attention_option(args, config)
+    budget_option(args)
     if args.get("pretrained") is None:
         if rest.get("gguf_file"):
             raise GearConfigError("gear-hf: gguf_file needs pretrained=<folder or hub id>")
@@ -239,14 +265,17 @@ def _model_config(pretrained: Any, hf_args: dict[str, Any]) -> Any:
         return None
 
 
-def response_cache_tag(config: GearConfig, pretrained: Any, attention: str = "auto") -> str:
+def response_cache_tag(config: GearConfig, pretrained: Any, args: dict[str, Any] | None = None) -> str:
     """The suffix gear-hf gives lm-eval's --use_cache path: a digest of the GEAR config, the
-    attention path when one is named, and the model.
+    model, and the run options of `args` that change answers (an attention path, a budget).
 
     lm-eval keys a cached response by its request alone, so two configurations (or models, or
     paths, which round apart) that shared a file would read each other's answers.
     """
     key = {"gear": config.as_dict(), "pretrained": None if pretrained is None else str(pretrained)}
-    if attention != "auto":
-        key["attention"] = attention
+    args = args or {}
+    if args.get("attention", "auto") != "auto":
+        key["attention"] = args["attention"]
+    if budget_option(args) is not None:
+        key["budget"] = budget_option(args)
     return "_gear-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]

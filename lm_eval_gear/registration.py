@@ -230,7 +230,7 @@ def _check_cli_model_args(model_args: Any, use_cache: str | None) -> str | None:
     """Exit with one line on a bad option; else the --use_cache path tagged with the config."""
     from gear_kernels import GearConfigError
 
-    from .model_args import attention_option, check_model_args, fidelity_option, response_cache_tag
+    from .model_args import check_model_args, fidelity_option, response_cache_tag
     from .smollm2 import EmbeddedModelMissing
 
     if isinstance(model_args, str):
@@ -250,7 +250,7 @@ def _check_cli_model_args(model_args: Any, use_cache: str | None) -> str | None:
         raise SystemExit(2) from None
     if not use_cache:
         return None
-    tag = response_cache_tag(config, model_args.get("pretrained"), attention_option(model_args, config))
+    tag = response_cache_tag(config, model_args.get("pretrained"), model_args)
     return use_cache if str(use_cache).endswith(tag) else f"{use_cache}{tag}"
 
 

@@ -202,25 +202,28 @@ def test_ruler_downloads_are_what_lm_eval_s_tasks_read():
 
 @pytest.mark.slow  # the embedded model generates under the stock lm_eval command
 def test_niah_single_1_runs_offline_on_the_embedded_model(tmp_path):
-    """`lm_eval --model gear-hf --tasks niah_single_1` offline, without naming a tokenizer: RULER
-    builds its haystacks with the embedded model's tokenizer, saved once into the cache folder."""
-    lm_eval = Path(sys.executable).with_name("lm_eval")
+    """benchmarks/lm_eval_ruler.py at 512 tokens: `lm_eval --model gear-hf --tasks niah_single_1`
+    offline without naming a tokenizer: RULER builds its haystacks with the embedded model's,
+    saved once into the cache folder."""
+    root = Path(__file__).resolve().parents[1]
     env = {
         **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
         "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets"),
         "XDG_CACHE_HOME": str(tmp_path / "cache"),
         "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_OFFLINE": "1",
     }
     env.pop("LM_EVAL_GEAR_NO_HOOK", None)
-    command = [lm_eval, "--model", "gear-hf", "--model_args", "method=kivi,bits=4", "--tasks", "niah_single_1",
-               "--metadata", '{"max_seq_lengths":[512]}', "--limit", "2", "--device", "cpu",
-               "--output_path", tmp_path / "out"]
-    done = subprocess.run([str(c) for c in command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    command = [sys.executable, "-m", "benchmarks.lm_eval_ruler", "--lengths", "512", "--limit", "2", "--tasks",
+               "niah_single_1", "--runs", "kivi-2", "--gen-tokens", "12", "--output", str(tmp_path / "out")]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-6000:]}"
-    (path,) = glob.glob(str(tmp_path / "out" / "*" / "results_*.json"))
+    rows = [line.strip("|").split("|") for line in done.stdout.splitlines() if line.startswith("| 512 ")]
+    (row,) = rows
+    found, docs = row[3].split("/")
+    assert row[1].strip() == "kivi-2" and 0 <= float(found) <= int(docs) == 2 and float(row[7]) > 0
+    assert 2 < float(row[5]) < 32  # the KV bits gear-hf measured
+    (path,) = glob.glob(str(tmp_path / "out" / "kivi-2-512" / "*" / "results_*.json"))
     results = json.loads(Path(path).read_text())
     scores = results["results"]["niah_single_1"]
     assert 0 <= scores["512,none"] <= 1 and scores["4096,none"] == -1  # RULER marks the lengths not asked for
