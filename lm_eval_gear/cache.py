@@ -207,20 +207,25 @@ class GearLayer(CacheLayerMixin):
 
     def _compress_prompt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Each row's prompt (from its first real token, or from what a window can still see) as
-        one chunk, so padding enters no statistic; the rows' chunks then go to the store."""
+        one chunk, so padding enters no statistic; the rows' chunks then go to the store. Rows
+        whose prompts start at one position are compressed in one call (each row on its own
+        inside it: the same bytes as alone)."""
         end = keys.shape[-2]
         store = KVStore(batch=keys.shape[0], prompt_start=self._first_visible(end), prompt_end=end,
                         rotation=self.rotation)
         rank, n_sinks = self.config.rank(prompt=True), self.config.codec.sink_tokens
-        rows_k, rows_v, sinks_k, sinks_v = [], [], [], []
-        for row, pad in enumerate(self.pad_len.tolist()):
-            start = max(pad, store.prompt_start)
-            cut = min(start + n_sinks, end)  # [start, cut) kept exact, the rest compressed
-            sinks_k.append(store.to_basis(keys[row : row + 1, :, start:cut]))
-            sinks_v.append(store.to_basis(values[row : row + 1, :, start:cut]))
-            k, v = keys[row : row + 1, :, cut:], values[row : row + 1, :, cut:]
-            rows_k.append(None if cut == end else self._compress(store, k, "key", rank))
-            rows_v.append(None if cut == end else self._compress(store, v, "value", rank))
+        starts = [max(pad, store.prompt_start) for pad in self.pad_len.tolist()]
+        cuts = [min(start + n_sinks, end) for start in starts]  # [start, cut) kept exact, the rest compressed
+        sinks_k = [store.to_basis(keys[row : row + 1, :, start:cut]) for row, (start, cut) in enumerate(zip(starts, cuts))]
+        sinks_v = [store.to_basis(values[row : row + 1, :, start:cut]) for row, (start, cut) in enumerate(zip(starts, cuts))]
+        rows_k, rows_v = [None] * len(starts), [None] * len(starts)
+        for cut in sorted(set(cuts) - {end}):
+            rows = [row for row, c in enumerate(cuts) if c == cut]
+            index = torch.tensor(rows, device=keys.device)
+            k, v = (self._compress(store, t.index_select(0, index)[:, :, cut:], kind, rank)
+                    for t, kind in ((keys, "key"), (values, "value")))
+            for j, row in enumerate(rows):
+                rows_k[row], rows_v[row] = k.select_rows(torch.tensor([j])), v.select_rows(torch.tensor([j]))
         sinks = SinkPart.from_rows(sinks_k, sinks_v) if n_sinks and any(k.shape[2] for k in sinks_k) else None
         self.store = store.with_prompt(rows_k, rows_v, sinks)
         self.decoded = None if self.reads_packed else self.store.dense()

@@ -107,6 +107,29 @@ def test_frontier_feeds_each_cache_as_generation_does(monkeypatch, entry):
     assert 2 < bits < 16  # stored bits of the compressed part (head_dim 16 makes the overheads large)
 
 
+@pytest.mark.parametrize("entry", ["exact", {"method": "kivi", "bits": 2}])
+def test_frontier_answers_greedily_as_generate_does(entry):
+    """--task niah: a cache's greedy answer from the exact prompt keys and values is generate()'s
+    with that cache after the prompt (a tiny random Llama); needles are matched as RULER does."""
+    from transformers import DynamicCache
+
+    from lm_eval_gear.compat import cache_kwarg
+    from tiny_models import tiny_model
+
+    sys.path.insert(0, str(ROOT))
+    import benchmarks.frontier as frontier
+
+    model, _ = tiny_model("llama")
+    ids = torch.randint(1, 100, (1, 40), generator=torch.Generator().manual_seed(2))
+    kv, first = frontier.prefill(model, ids)
+    answer = frontier.generated(model, entry, kv, first, 12)
+    cache = DynamicCache(config=model.config) if entry == "exact" else frontier.make_cache(entry, model)
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                          do_sample=False, **{cache_kwarg(model): cache})[0, ids.shape[1]:]
+    assert torch.equal(answer, want)
+    assert frontier.needles_found("The numbers are 7150342 and 12.", ["7150342", "999"]) == 0.5
+
+
 def test_batch_invariance_smoke():
     """benchmarks.batch_invariance on SmolLM2 at tiny sizes: one row per run, texts compared."""
     run = subprocess.run([sys.executable, "-m", "benchmarks.batch_invariance", "--questions", "2", "--batch-size", "2",

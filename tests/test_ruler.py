@@ -202,9 +202,9 @@ def test_ruler_downloads_are_what_lm_eval_s_tasks_read():
 
 @pytest.mark.slow  # the embedded model generates under the stock lm_eval command
 def test_niah_single_1_runs_offline_on_the_embedded_model(tmp_path):
-    """benchmarks/lm_eval_ruler.py at 512 tokens: `lm_eval --model gear-hf --tasks niah_single_1`
-    offline without naming a tokenizer: RULER builds its haystacks with the embedded model's,
-    saved once into the cache folder."""
+    """benchmarks/lm_eval_ruler.py at 512 tokens: `lm_eval --model gear-hf --model_args <the
+    frontier's 3.0-bit pick> --tasks niah_single_1` offline without naming a tokenizer: RULER
+    builds its haystacks with the embedded model's, saved once into the cache folder."""
     root = Path(__file__).resolve().parents[1]
     env = {
         **os.environ,
@@ -215,19 +215,21 @@ def test_niah_single_1_runs_offline_on_the_embedded_model(tmp_path):
     }
     env.pop("LM_EVAL_GEAR_NO_HOOK", None)
     command = [sys.executable, "-m", "benchmarks.lm_eval_ruler", "--lengths", "512", "--limit", "2", "--tasks",
-               "niah_single_1", "--runs", "kivi-2", "--gen-tokens", "12", "--output", str(tmp_path / "out")]
+               "niah_single_1", "--runs", "pick-3.0", "--gen-tokens", "12", "--output", str(tmp_path / "out")]
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-6000:]}"
     rows = [line.strip("|").split("|") for line in done.stdout.splitlines() if line.startswith("| 512 ")]
     (row,) = rows
     found, docs = row[3].split("/")
-    assert row[1].strip() == "kivi-2" and 0 <= float(found) <= int(docs) == 2 and float(row[7]) > 0
+    assert row[1].strip() == "pick-3.0" and 0 <= float(found) <= int(docs) == 2 and float(row[7]) > 0
     assert 2 < float(row[5]) < 32  # the KV bits gear-hf measured
-    (path,) = glob.glob(str(tmp_path / "out" / "kivi-2-512" / "*" / "results_*.json"))
+    (path,) = glob.glob(str(tmp_path / "out" / "pick-3.0-512" / "*" / "results_*.json"))
     results = json.loads(Path(path).read_text())
     scores = results["results"]["niah_single_1"]
     assert 0 <= scores["512,none"] <= 1 and scores["4096,none"] == -1  # RULER marks the lengths not asked for
     assert results["n-samples"]["niah_single_1"]["effective"] == 2
     (folder,) = (tmp_path / "cache" / "lm_eval_gear").glob("SmolLM2-135M-Instruct-tokenizer-*")
     assert results["configs"]["niah_single_1"]["metadata"]["tokenizer"] == str(folder)
-    assert results["config"]["gear"]["config"]["method"] == "kivi"
+    picked = json.loads((root / "benchmarks" / "frontier.json").read_text())["budgets"][1]
+    assert picked["budget_bits"] == 3.0
+    assert {k: results["config"]["gear"]["config"][k] for k in picked["options"]} == picked["options"]
