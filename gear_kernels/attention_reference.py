@@ -43,8 +43,6 @@ class DecodeProblem:
     q_len: int
     head_dim: int
     n_buf: int
-    prompt_tokens: int  # positions of the prompt region (rows hold their last lengths[b] of them)
-    stream_tokens: int
 
     @property
     def ratio(self) -> int:
@@ -79,7 +77,6 @@ def check_decode_inputs(q: torch.Tensor, store: KVStore | None, k_buf: torch.Ten
         if k_buf.device != q.device or v_buf.device != q.device:
             raise ValueError("the buffer and q must be on the same device")
         kv_heads, n_buf = k_buf.shape[1], k_buf.shape[2]
-    prompt_tokens = stream_tokens = 0
     if store is not None:
         if store.offset(1) != 0 or store.dropped:
             raise ValueError("the store has dropped tokens (a sliding window): attend through the model's mask instead")
@@ -111,16 +108,13 @@ def check_decode_inputs(q: torch.Tensor, store: KVStore | None, k_buf: torch.Ten
             kv_heads = sinks.shape[1]
         if store.rotation is not None and tuple(store.rotation.shape) != (head_dim,):
             raise ValueError(f"the store's rotation has {tuple(store.rotation.shape)} signs, q's head_dim is {head_dim}")
-        if store.has_prompt:
-            prompt_tokens = store.prompt_end - store.prompt_start
-        stream_tokens = store.chunks * store.chunk_tokens()
     if kv_heads is None:
         raise ValueError("nothing to attend to: no store and no buffer")
     if kv_heads < 1 or q_heads % kv_heads:
         raise ValueError(f"q_heads {q_heads} is not a multiple of kv_heads {kv_heads}")
     if q_len > n_buf and q_len > 1:
         raise ValueError(f"{q_len} queries need their own tokens in the buffer, which holds {n_buf}")
-    return DecodeProblem(batch, kv_heads, q_heads, q_len, head_dim, n_buf, prompt_tokens, stream_tokens)
+    return DecodeProblem(batch, kv_heads, q_heads, q_len, head_dim, n_buf)
 
 
 def sinks_before_buffer(store: KVStore, k_buf: torch.Tensor | None, v_buf: torch.Tensor | None
@@ -260,9 +254,9 @@ class OnlineSoftmax:
 def decode_attention_torch(q: torch.Tensor, store: KVStore | None, k_buf: torch.Tensor | None,
                            v_buf: torch.Tensor | None, scale: float, block_tokens: int | None = None) -> torch.Tensor:
     """The packed torch path, the reference of packed Triton: the store's K and V rebuilt
-    `block_tokens` (default BLOCK_TOKENS) tokens of each row at a time (in the model's basis, whatever rotation the
-    store holds them in), then the buffer, through one online softmax; so what it builds
-    beside the store is one block, whatever the context's length.
+    `block_tokens` (default BLOCK_TOKENS) tokens of each row at a time (in the model's basis,
+    whatever rotation the store holds them in), then the buffer, through one online softmax; so
+    what it builds beside the store is one block, whatever the context's length.
 
     GQA groups query heads onto their kv head (a reshape of q), K/V are never repeated.
     """

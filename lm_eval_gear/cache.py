@@ -216,8 +216,9 @@ class GearLayer(CacheLayerMixin):
         rank, n_sinks = self.config.rank(prompt=True), self.config.codec.sink_tokens
         starts = [max(pad, store.prompt_start) for pad in self.pad_len.tolist()]
         cuts = [min(start + n_sinks, end) for start in starts]  # [start, cut) kept exact, the rest compressed
-        sinks_k = [store.to_basis(keys[row : row + 1, :, start:cut]) for row, (start, cut) in enumerate(zip(starts, cuts))]
-        sinks_v = [store.to_basis(values[row : row + 1, :, start:cut]) for row, (start, cut) in enumerate(zip(starts, cuts))]
+        spans = list(enumerate(zip(starts, cuts)))
+        sinks_k = [store.to_basis(keys[row : row + 1, :, start:cut]) for row, (start, cut) in spans]
+        sinks_v = [store.to_basis(values[row : row + 1, :, start:cut]) for row, (start, cut) in spans]
         rows_k, rows_v = [None] * len(starts), [None] * len(starts)
         for cut in sorted(set(cuts) - {end}):
             rows = [row for row, c in enumerate(cuts) if c == cut]

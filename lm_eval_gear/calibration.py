@@ -37,7 +37,8 @@ KEEP = 6  # candidates measured beyond the first prompt: its lowest-KL ones
 LONG_PROMPT_TOKENS = 2048
 HAYSTACK = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "One of the special magic numbers for {key} is: {value}. "
-QUESTION = "What is the special magic number for {key} mentioned in the provided text? The special magic number for {key} is"
+QUESTION = ("What is the special magic number for {key} mentioned in the provided text? "
+            "The special magic number for {key} is")
 
 
 @dataclass(frozen=True)
