@@ -196,7 +196,8 @@ class Packed:
         if tokens is not None:
             segment, local = segment[tokens], local[tokens]
         axes = {f.name: f.axis for f in self.fields}
-        aligned = {f.name: self._token_aligned(f.name, f.axis, segment, local, tokens is None) for f in self.quantizer.fields}
+        every = tokens is None
+        aligned = {f.name: self._token_aligned(f.name, f.axis, segment, local, every) for f in self.quantizer.fields}
         factors = self._factors(segment, local, tokens) if "lowrank_a" in axes else None
         out = rebuild(self.quantizer, aligned, factors, self.head_dim, self.dtype)
         if "outlier_values" in axes:
