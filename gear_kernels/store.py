@@ -204,17 +204,23 @@ class Packed:
             out = self._with_outliers(out, tokens)
         return out
 
+    @cached_property
+    def _outlier_first_token(self) -> torch.Tensor:
+        """(n,) the packed index of the first token of each outlier's segment, on the device
+        (derived once a side: the packed torch path asks at every block of every step)."""
+        owner = torch.repeat_interleave(torch.arange(self.segments), self.counts["outlier_index"])
+        return _exclusive(self.tokens)[owner].to(self.data["outlier_index"].device)
+
     def _with_outliers(self, out: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
         """out (H, n, D) of the tokens `tokens` (None: all) with their outliers written over it."""
         heads, n_tok, dim = out.shape
-        owner = torch.repeat_interleave(torch.arange(self.segments), self.counts["outlier_index"])
-        first_token = _exclusive(self.tokens)[owner].to(out.device)
+        first_token = self._outlier_first_token
         index = self.data["outlier_index"].long()  # (H, n) flat t * D + d in its segment
         if tokens is None:
             where = first_token * dim + index  # flat in (N, D)
             return outliers.apply(out.reshape(heads, -1), self.data["outlier_values"], where).reshape(out.shape)
         # each token's row in out; the outliers of tokens not asked for go to a spare row, dropped
-        row = torch.full((len(self._tokens[0]),), n_tok, dtype=torch.long)
+        row = torch.full((int(self.tokens.sum()),), n_tok, dtype=torch.long)
         row[tokens] = torch.arange(n_tok)
         where = row.to(out.device)[first_token + index // dim] * dim + index % dim
         spare = torch.cat([out, out.new_zeros(heads, 1, dim)], 1).reshape(heads, -1)

@@ -156,10 +156,10 @@ def calibrate(model, tokenizer, budget: float, shared: dict, rotation: bool = Tr
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 1 << 30
     prompts = calibration_prompts(tokenizer, context - TOKENS - 1)
     alive = list(measured)
+    buffer_size = GearConfig.from_options(tried[0]).buffer_size  # a shared option: every candidate's
     for n, ids in enumerate(prompts):
         continuation, _ = exact_run(model, ids, TOKENS)
         kv, first = prefill(model, ids)
-        buffer_size = GearConfig.from_options(tried[0]).buffer_size
         exact = forced_logits(model, DynamicCache(config=model.config), kv, first, continuation, buffer_size)
         for i in alive:
             cache = GearCache(GearConfig.from_options(tried[i]), model.config)

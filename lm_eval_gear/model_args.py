@@ -276,6 +276,7 @@ def response_cache_tag(config: GearConfig, pretrained: Any, args: dict[str, Any]
     args = args or {}
     if args.get("attention", "auto") != "auto":
         key["attention"] = args["attention"]
-    if budget_option(args) is not None:
-        key["budget"] = budget_option(args)
+    budget = budget_option(args)
+    if budget is not None:
+        key["budget"] = budget
     return "_gear-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
