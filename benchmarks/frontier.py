@@ -5,6 +5,7 @@
     python -m benchmarks.frontier --recheck benchmarks/frontier.json --first 8   # the picks, other prompts
     python -m benchmarks.frontier --smoke                       # a few configs, seconds
     python -m benchmarks.frontier --task niah --recheck benchmarks/frontier.json --questions 4   # at 4k, needles
+    python -m benchmarks.frontier --task niah --configs '[{"method": "kivi", "key_bits": 2, "value_bits": 3}]'
 
 Every config runs in one process on the same prompts (by default GSM8K test questions behind
 the paper's 8-shot prompt; --task aqua or bbh:<subtask> for the others; --task niah for RULER's
@@ -31,7 +32,8 @@ quanto and HQQ. For each budget, the pick is the project config with the lowest 
 that fit it; it is written, with the best peer under the same budget, to `--json`
 (benchmarks/frontier.json), whose `options` build the config with GearConfig.from_options.
 `--recheck benchmarks/frontier.json --first 8` measures those picks again on other prompts,
-beside the peers and the best plain KIVI configs, and tables them the same way.
+beside the peers and the best plain KIVI configs, and tables them the same way; `--configs`
+measures the configs it lists (after the picks, with --recheck) beside the peers.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import random
 import statistics
 import time
 from pathlib import Path
@@ -184,9 +187,12 @@ def needles_found(text: str, needles: list[str]) -> float:
 def niah_prompts(tokenizer_dir: str, length: int, first: int, count: int) -> list[tuple[str, list[str]]]:
     """RULER's niah_single_1 documents [first, first + count) at `length` tokens, built as
     lm-eval builds them (locally, with the model's tokenizer): (prompt, needles), the prompt
-    being the document's input and its answer prefix."""
+    being the document's input and its answer prefix. RULER draws its needles from Python's
+    `random`, which lm_eval seeds with its --seed (0 by default): seeded alike, these are the
+    documents of `lm_eval --tasks niah_single_1`."""
     from lm_eval.tasks.ruler.niah_utils import niah_single_1
 
+    random.seed(0)
     docs = niah_single_1(max_seq_lengths=[length], tokenizer=tokenizer_dir)["test"]
     return [(f"{docs[i]['input']} {docs[i]['gen_prefix']}", list(docs[i]["outputs"])) for i in range(first, first + count)]
 
@@ -368,6 +374,22 @@ def load_model(pretrained: str | None):
     return model, AutoTokenizer.from_pretrained(pretrained)
 
 
+def option_dicts(text: str) -> list[dict]:
+    """--configs: a JSON list of option dicts, each one GearConfig.from_options builds."""
+    try:
+        configs = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error})") from None
+    if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
+        raise argparse.ArgumentTypeError('a JSON list of option dicts, e.g. \'[{"method": "kivi", "bits": 3}]\'')
+    for options in configs:
+        try:
+            GearConfig.from_options(options)
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(f"{options}: {error}") from None
+    return configs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pretrained", help="a model folder or hub id (default: the embedded SmolLM2-135M)")
@@ -383,7 +405,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="two configs and two peers, on one short run")
     parser.add_argument("--recheck", type=Path, help="re-measure the picks of this frontier JSON (and its best plain "
                         "KIVI configs, beside every peer) on the prompts given, e.g. --first 8")
+    parser.add_argument("--configs", type=option_dicts, default=[], help="a JSON list of option dicts (--model_args "
+                        "as a dict) to measure beside the peers instead of the grid (with --recheck: after the picks)")
     args = parser.parse_args()
+    extra = args.configs
     if args.smoke:
         args.questions, args.tokens = 1, 8
     model, tokenizer = load_model(args.pretrained)
@@ -399,6 +424,9 @@ def main() -> None:
     earlier = None
     if args.recheck is not None:
         grid, earlier = rechecked(json.loads(args.recheck.read_text()))
+    if extra:
+        grid = grid if args.recheck is not None else []
+        grid += [c for c in extra if c not in grid]
     entries = grid + list(peers)
     began = time.perf_counter()
     rows = sweep(model, tokenizer, prompts, entries, args.tokens, needles)
@@ -410,7 +438,7 @@ def main() -> None:
           f"torch {torch.__version__}, "
           f"{time.perf_counter() - began:.0f} s\n")
     print(table(rows) + "\n\n" + picks_table(chosen))
-    if args.json is None and not args.smoke and args.recheck is None and args.task == "gsm8k":
+    if args.json is None and not args.smoke and args.recheck is None and not extra and args.task == "gsm8k":
         args.json = Path(__file__).with_name("frontier.json")
     if args.json is not None:
         args.json.write_text(json.dumps({"model": name, "task": args.task, "questions": [args.first, args.first + len(prompts)],

@@ -54,10 +54,12 @@ def test_frontier_smoke(tmp_path):
         if "options" in budget:
             assert budget["stored_bits"] <= budget["budget_bits"] + 0.05
             GearConfig.from_options(budget["options"])
-    # --recheck: the same picks measured again on a question of another task, beside the peers
+    # --recheck: the same picks measured again on a question of another task, beside the peers,
+    # and a config named with --configs after them
     again = tmp_path / "recheck.json"
     run = subprocess.run([sys.executable, "-m", "benchmarks.frontier", "--smoke", "--task", "bbh:date_understanding",
-                          "--first", "3", "--recheck", str(picks), "--json", str(again)],
+                          "--first", "3", "--recheck", str(picks), "--json", str(again),
+                          "--configs", '[{"method": "kivi", "key_bits": 2, "value_bits": 3}]'],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rechecked = json.loads(again.read_text())
@@ -65,7 +67,17 @@ def test_frontier_smoke(tmp_path):
     for before, now in zip(written["budgets"], rechecked["budgets"]):
         assert now.get("options") == before.get("options")
         assert ("best_peer" in now) == ("best_peer" in before)
-    assert set(rechecked["rows"]) <= set(rows) and rechecked["rows"] != rows  # other prompts, other figures
+    named = "method=kivi key_bits=2 value_bits=3"
+    assert set(rechecked["rows"]) - {named} <= set(rows) and rechecked["rows"][named]["kl"] > 0
+    assert rechecked["rows"] != rows  # other prompts, other figures
+
+
+def test_frontier_refuses_configs_that_are_not_options():
+    """--configs is checked before the model loads: a clear line, the option named."""
+    for configs, said in (('{"method": "kivi"}', "list of option dicts"), ('[{"method": "kivi", "bits": 9}]', "bits")):
+        run = subprocess.run([sys.executable, "-m", "benchmarks.frontier", "--configs", configs], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 2 and "--configs" in run.stderr and said in run.stderr, run.stderr[-2000:]
 
 
 def test_turboquant_at_one_seed_is_the_peers():

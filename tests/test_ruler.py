@@ -233,3 +233,11 @@ def test_niah_single_1_runs_offline_on_the_embedded_model(tmp_path):
     picked = json.loads((root / "benchmarks" / "frontier.json").read_text())["budgets"][1]
     assert picked["budget_bits"] == 3.0
     assert {k: results["config"]["gear"]["config"][k] for k in picked["options"]} == picked["options"]
+    # the frontier's needle prompts (benchmarks/frontier.py --task niah) are these documents
+    sys.path.insert(0, str(root))
+    from benchmarks.frontier import niah_prompts
+
+    (samples,) = glob.glob(str(tmp_path / "out" / "pick-3.0-512" / "*" / "samples_niah_single_1_*.jsonl"))
+    docs = sorted((json.loads(line) for line in Path(samples).read_text().splitlines()), key=lambda s: s["doc_id"])
+    assert niah_prompts(str(folder), 512, 0, 2) == [(d["arguments"]["gen_args_0"]["arg_0"], d["doc"]["outputs"])
+                                                    for d in docs]
