@@ -2,6 +2,7 @@
 
     python -m benchmarks.lm_eval_ruler --lengths 4096,8192 --limit 4
     python -m benchmarks.lm_eval_ruler --runs hf,kivi-2,pick-3.0 --lengths 4096 --attention packed
+    python -m benchmarks.lm_eval_ruler --runs hf --gear-args method=kivi,key_bits=3,value_bits=2 --lengths 4096
 
 For each prompt length, runs `lm_eval --tasks niah_single_1,niah_multikey_2` once per
 configuration (`--model hf` first, then gear-hf: none, kivi-2, gear-2 and frontier.json's picks)
@@ -41,6 +42,28 @@ def runs() -> dict[str, tuple[str, str]]:
     return named
 
 
+def selected(names: str | None, gear_args: list[str]) -> dict[str, tuple[str, str]]:
+    """--runs (comma-separated names of runs(); None: all) and --gear-args -> the runs in order,
+    hf first; ValueError naming what is unknown or what gear-hf would refuse, before any run."""
+    from lm_eval.utils import simple_parse_args_string
+
+    from lm_eval_gear.model_args import check_model_args
+
+    named = runs()
+    given = names.split(",") if names else list(named)
+    unknown = [n for n in given if n not in named]
+    if unknown:
+        raise ValueError(f"unknown runs {', '.join(unknown)}: choose from {', '.join(named)}")
+    chosen = {n: named[n] for n in ["hf"] * ("hf" in given) + [n for n in given if n != "hf"]}
+    for i, model_args in enumerate(gear_args, 1):
+        try:
+            check_model_args(simple_parse_args_string(model_args))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--gear-args {model_args}: {error}") from None
+        chosen[f"gear-args-{i}"] = ("gear-hf", model_args)
+    return chosen
+
+
 def run(name: str, model: str, model_args: str, length: int, args, out: Path) -> dict:
     """One lm_eval run at one length -> each task's per-document scores and answers, the KV
     memory gear-hf reports, wall and CPU time."""
@@ -76,16 +99,17 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=24, help="max_gen_toks (RULER's own is 128)")
     parser.add_argument("--runs", default=None, help="comma-separated, from: hf (run first; the others are compared "
                         "with it), " + ", ".join(FIXED) + ", pick-<budget> (benchmarks/frontier.json); default all")
+    parser.add_argument("--gear-args", action="append", default=[], metavar="MODEL_ARGS",
+                        help="also run gear-hf with these model_args (repeatable; named gear-args-1, ...)")
     parser.add_argument("--attention", default="auto", choices=("auto", "rebuilt", "packed"),
                         help="gear-hf's attention option for every gear-hf run")
     parser.add_argument("--output", type=Path, default=None, help="keep each run's lm-eval output here")
     args = parser.parse_args()
-    named = runs()
-    given = args.runs.split(",") if args.runs else list(named)
-    chosen = ["hf"] * ("hf" in given) + [n for n in given if n != "hf"]
-    unknown = [n for n in chosen if n not in named]
-    if unknown:
-        parser.error(f"unknown runs {', '.join(unknown)}: choose from {', '.join(named)}")
+    try:
+        named = selected(args.runs, args.gear_args)
+    except ValueError as error:
+        parser.error(str(error))
+    chosen = list(named)
     print(f"lm_eval --tasks {','.join(args.tasks)} --limit {args.limit} --gen_kwargs max_gen_toks={args.gen_tokens} "
           f"--batch_size 1, SmolLM2-135M-Instruct (embedded GGUF, fp32, CPU), gear-hf attention={args.attention}\n")
     print("| length | run | model_args | needles found | same answer as hf | KV bits/elem | peak working copy (MiB) "

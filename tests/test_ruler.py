@@ -241,3 +241,18 @@ def test_niah_single_1_runs_offline_on_the_embedded_model(tmp_path):
     docs = sorted((json.loads(line) for line in Path(samples).read_text().splitlines()), key=lambda s: s["doc_id"])
     assert niah_prompts(str(folder), 512, 0, 2) == [(d["arguments"]["gen_args_0"]["arg_0"], d["doc"]["outputs"])
                                                     for d in docs]
+
+
+def test_the_ruler_benchmark_runs_hf_first_and_checks_its_gear_args_before_any_run():
+    """benchmarks/lm_eval_ruler.py: --runs in order with hf first, then each --gear-args; a name it
+    does not know, or model_args gear-hf would refuse, is a clear error before anything runs."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.lm_eval_ruler import selected
+
+    named = selected("pick-3.0,hf", ["method=kivi,key_bits=3,value_bits=2"])
+    assert list(named) == ["hf", "pick-3.0", "gear-args-1"]
+    assert named["gear-args-1"] == ("gear-hf", "method=kivi,key_bits=3,value_bits=2")
+    with pytest.raises(ValueError, match="unknown runs pick-9"):
+        selected("hf,pick-9", [])
+    with pytest.raises(ValueError, match="--gear-args method=kivi,bits=9: .*bits"):
+        selected("hf", ["method=kivi,bits=9"])
