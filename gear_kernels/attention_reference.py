@@ -144,6 +144,8 @@ class BlockPlan:
     bounds: torch.Tensor  # (blocks + 1,): block i rebuilds order[bounds[i]:bounds[i + 1]]
     rows: torch.Tensor  # (N,) each packed token's row
     ranks: torch.Tensor  # (N,) and its number in that row
+    # keys' and values' outliers of each block (Packed.outlier_groups), None without outliers
+    outliers: tuple[list[torch.Tensor], list[torch.Tensor]] | None
 
     @property
     def blocks(self) -> int:
@@ -165,7 +167,10 @@ def block_plan(store: KVStore, width: int) -> BlockPlan:
         block = ranks // width
         bounds = torch.zeros(-(-int(held.max()) // width) + 1, dtype=torch.long)
         bounds[1:] = torch.cumsum(torch.bincount(block, minlength=len(bounds) - 1), 0)
-        store.memo[key] = BlockPlan(width, held, torch.argsort(block, stable=True), bounds, rows, ranks)
+        outliers = None
+        if store.keys is not None and "outlier_index" in store.keys.data:
+            outliers = tuple(side.outlier_groups(block, len(bounds) - 1) for side in (store.keys, store.values))
+        store.memo[key] = BlockPlan(width, held, torch.argsort(block, stable=True), bounds, rows, ranks, outliers)
     return store.memo[key]
 
 
@@ -181,8 +186,8 @@ def store_blocks(store: KVStore, width: int) -> Iterator[tuple[torch.Tensor, tor
         tokens = plan.order[plan.bounds[i]:plan.bounds[i + 1]]
         if len(tokens):  # none: a block of sinks only
             slot = (plan.rows[tokens] * n + plan.ranks[tokens] - first).to(device)
-            for out, side in zip(sides, (store.keys, store.values)):
-                out.index_copy_(1, slot, side.rebuilt(tokens))
+            for j, (out, side) in enumerate(zip(sides, (store.keys, store.values))):
+                out.index_copy_(1, slot, side.rebuilt(tokens, None if plan.outliers is None else plan.outliers[j][i]))
         k, v = (t.reshape(heads, store.batch, n, dim).transpose(0, 1) for t in sides)
         if store.sinks is not None:
             k, v = _sinks_in_block(store.sinks, k, v, first)

@@ -188,10 +188,11 @@ class Packed:
             return lowrank.factor(a, a_scale), lowrank.factor(b, b_scale), segment.to(dev)
         return a.float(), b.float(), segment.to(dev)
 
-    def rebuilt(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def rebuilt(self, tokens: torch.Tensor | None = None, outlier_entries: torch.Tensor | None = None) -> torch.Tensor:
         """The stored tokens `tokens` ((n,) packed indices, CPU long; None: every one, in packed
         order), (H, n, D) in the model dtype (chunk.rebuild, and the outliers written over it:
-        bitwise what decompress gives for each chunk)."""
+        bitwise what decompress gives for each chunk). outlier_entries: those of outlier_groups()
+        that hold every outlier of `tokens` (else every outlier is looked at)."""
         segment, local = self.token_map()
         if tokens is not None:
             segment, local = segment[tokens], local[tokens]
@@ -201,7 +202,7 @@ class Packed:
         factors = self._factors(segment, local, tokens) if "lowrank_a" in axes else None
         out = rebuild(self.quantizer, aligned, factors, self.head_dim, self.dtype)
         if "outlier_values" in axes:
-            out = self._with_outliers(out, tokens)
+            out = self._with_outliers(out, tokens, outlier_entries)
         return out
 
     @cached_property
@@ -211,20 +212,48 @@ class Packed:
         owner = torch.repeat_interleave(torch.arange(self.segments), self.counts["outlier_index"])
         return _exclusive(self.tokens)[owner].to(self.data["outlier_index"].device)
 
-    def _with_outliers(self, out: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
-        """out (H, n, D) of the tokens `tokens` (None: all) with their outliers written over it."""
+    def _with_outliers(self, out: torch.Tensor, tokens: torch.Tensor | None, entries: torch.Tensor | None
+                       ) -> torch.Tensor:
+        """out (H, n, D) of the tokens `tokens` (None: all) with their outliers written over it;
+        entries (H, m): the outliers to look at (-1: none), else all of them."""
         heads, n_tok, dim = out.shape
-        first_token = self._outlier_first_token
+        first_token = self._outlier_first_token  # (n,)
         index = self.data["outlier_index"].long()  # (H, n) flat t * D + d in its segment
+        values = self.data["outlier_values"]  # (H, n)
         if tokens is None:
             where = first_token * dim + index  # flat in (N, D)
-            return outliers.apply(out.reshape(heads, -1), self.data["outlier_values"], where).reshape(out.shape)
+            return outliers.apply(out.reshape(heads, -1), values, where).reshape(out.shape)
+        stored = int(self.tokens.sum())
+        token = first_token + index // dim  # (H, n) each outlier's packed token
+        if entries is not None:
+            taken = entries.long().clamp(min=0)
+            token = token.gather(1, taken).where(entries >= 0, stored)  # a pad: no token
+            index, values = index.gather(1, taken), values.gather(1, taken)
         # each token's row in out; the outliers of tokens not asked for go to a spare row, dropped
-        row = torch.full((int(self.tokens.sum()),), n_tok, dtype=torch.long)
+        row = torch.full((stored + 1,), n_tok, dtype=torch.long)
         row[tokens] = torch.arange(n_tok)
-        where = row.to(out.device)[first_token + index // dim] * dim + index % dim
+        where = row.to(out.device)[token] * dim + index % dim
         spare = torch.cat([out, out.new_zeros(heads, 1, dim)], 1).reshape(heads, -1)
-        return outliers.apply(spare, self.data["outlier_values"], where).reshape(heads, n_tok + 1, dim)[:, :n_tok]
+        return outliers.apply(spare, values, where).reshape(heads, n_tok + 1, dim)[:, :n_tok]
+
+    def outlier_groups(self, group: torch.Tensor, groups: int) -> list[torch.Tensor]:
+        """Given each stored token's group (N,) in packed order, each group's outliers: for group
+        i, (H, m_i) int32 indices into the outlier fields (m_i: the most of any head; -1 pads),
+        so that rebuilding a group's tokens looks at its own outliers, not at all of them."""
+        index = self.data["outlier_index"]
+        token = self._outlier_first_token + index.long() // self.head_dim  # (H, n)
+        owner = group.to(index.device)[token]  # (H, n) each outlier's group
+        order = torch.sort(owner, dim=1, stable=True).indices  # (H, n) by group
+        counts = torch.zeros(index.shape[0], groups, dtype=torch.long, device=index.device)
+        counts.scatter_add_(1, owner, torch.ones_like(owner))
+        begins = torch.cumsum(counts, 1) - counts  # (H, groups)
+        out = []
+        for i in range(groups):
+            slot = torch.arange(int(counts[:, i].max()), device=index.device)
+            valid = slot[None, :] < counts[:, i : i + 1]
+            taken = order.gather(1, (begins[:, i : i + 1] + slot).where(valid, 0))
+            out.append(taken.where(valid, -1).int())
+        return out
 
     def dense(self, batch: int, first: int, last: int) -> torch.Tensor:
         """(batch, H, last - first, D): each stored token at its row and position, zeros elsewhere."""

@@ -577,11 +577,20 @@ def test_every_composition_attends_alike_in_blocks(method, backbone, bits):
     torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-6)
     plan = block_plan(store, 7)
     assert plan.blocks == 10 and block_plan(store, 7) is plan  # 69 tokens in row 0
-    for part in (store.keys, store.values):
+    assert (plan.outliers is not None) == ("outlier_index" in store.keys.data)
+    for j, part in enumerate((store.keys, store.values)):
         rebuilt = part.rebuilt()
         for first in range(0, len(plan.order), 7):  # any subset of tokens rebuilds as they do in the whole
             tokens = plan.order[first:first + 7]
             assert torch.equal(part.rebuilt(tokens), rebuilt[:, tokens])
+        for i in range(plan.blocks):  # a block with only its own outliers looked at: the same
+            tokens = plan.order[plan.bounds[i]:plan.bounds[i + 1]]
+            entries = None if plan.outliers is None else plan.outliers[j][i]
+            assert torch.equal(part.rebuilt(tokens, entries), rebuilt[:, tokens])
+        if plan.outliers is not None:  # every outlier in exactly one block
+            held = torch.cat([e[e >= 0] for e in plan.outliers[j]])
+            assert sorted(held.tolist()) == sorted(torch.arange(part.data["outlier_index"].shape[1]).repeat(
+                part.data["outlier_index"].shape[0]).tolist())
 
 
 @pytest.mark.parametrize("fn", [decode_attention_torch, ta.decode_attention_triton])
