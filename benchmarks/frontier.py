@@ -408,7 +408,6 @@ def main() -> None:
     parser.add_argument("--configs", type=option_dicts, default=[], help="a JSON list of option dicts (--model_args "
                         "as a dict) to measure beside the peers instead of the grid (with --recheck: after the picks)")
     args = parser.parse_args()
-    extra = args.configs
     if args.smoke:
         args.questions, args.tokens = 1, 8
     model, tokenizer = load_model(args.pretrained)
@@ -424,9 +423,9 @@ def main() -> None:
     earlier = None
     if args.recheck is not None:
         grid, earlier = rechecked(json.loads(args.recheck.read_text()))
-    if extra:
+    if args.configs:
         grid = grid if args.recheck is not None else []
-        grid += [c for c in extra if c not in grid]
+        grid += [c for c in args.configs if c not in grid]
     entries = grid + list(peers)
     began = time.perf_counter()
     rows = sweep(model, tokenizer, prompts, entries, args.tokens, needles)
@@ -438,7 +437,7 @@ def main() -> None:
           f"torch {torch.__version__}, "
           f"{time.perf_counter() - began:.0f} s\n")
     print(table(rows) + "\n\n" + picks_table(chosen))
-    if args.json is None and not args.smoke and args.recheck is None and not extra and args.task == "gsm8k":
+    if args.json is None and not args.smoke and args.recheck is None and not args.configs and args.task == "gsm8k":
         args.json = Path(__file__).with_name("frontier.json")
     if args.json is not None:
         args.json.write_text(json.dumps({"model": name, "task": args.task, "questions": [args.first, args.first + len(prompts)],
