@@ -44,6 +44,14 @@ def _exclusive(counts: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
+def _gathered(index: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
+    """index.gather(1, taken) for outlier indices of any stored width, as long (torch's CPU gather
+    has no uint16: its bits are gathered as int16)."""
+    if index.dtype == torch.uint16:
+        return index.view(torch.int16).gather(1, taken).long() & 0xFFFF
+    return index.gather(1, taken).long()
+
+
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     """(H, entries) tensors joined on the entries; outlier indices of segments of different sizes
     (uint8, uint16, int32) in the widest type among them (torch promotes no uint16)."""
@@ -218,17 +226,19 @@ class Packed:
         entries (H, m): the outliers to look at (-1: none), else all of them."""
         heads, n_tok, dim = out.shape
         first_token = self._outlier_first_token  # (n,)
-        index = self.data["outlier_index"].long()  # (H, n) flat t * D + d in its segment
+        index = self.data["outlier_index"]  # (H, n) flat t * D + d in its segment
         values = self.data["outlier_values"]  # (H, n)
         if tokens is None:
-            where = first_token * dim + index  # flat in (N, D)
+            where = first_token * dim + index.long()  # flat in (N, D)
             return outliers.apply(out.reshape(heads, -1), values, where).reshape(out.shape)
         stored = int(self.tokens.sum())
-        token = first_token + index // dim  # (H, n) each outlier's packed token
-        if entries is not None:
+        if entries is not None:  # only these outliers are read: the step's cost is the block's
             taken = entries.long().clamp(min=0)
-            token = token.gather(1, taken).where(entries >= 0, stored)  # a pad: no token
-            index, values = index.gather(1, taken), values.gather(1, taken)
+            first_token, index, values = first_token[taken], _gathered(index, taken), values.gather(1, taken)
+        index = index.long()
+        token = first_token + index // dim  # each outlier's packed token
+        if entries is not None:
+            token = token.where(entries >= 0, stored)  # a pad: no token
         # each token's row in out; the outliers of tokens not asked for go to a spare row, dropped
         row = torch.full((stored + 1,), n_tok, dtype=torch.long)
         row[tokens] = torch.arange(n_tok)
