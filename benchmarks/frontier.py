@@ -1,6 +1,6 @@
 """The fidelity frontier: for a memory budget, the most faithful cache config, beside the peers.
 
-    python -m benchmarks.frontier --questions 8 --tokens 64 --plot benchmarks/frontier.png
+    python -m benchmarks.frontier --questions 8 --tokens 64 --needle-check 16 --plot benchmarks/frontier.png
     python -m benchmarks.frontier --pretrained PATH_OR_HUB_ID   # the same sweep on your model
     python -m benchmarks.frontier --recheck benchmarks/frontier.json --first 8   # the picks, other prompts
     python -m benchmarks.frontier --smoke                       # a few configs, seconds
@@ -29,8 +29,12 @@ sinks, and its quantizers (uniform kivi codes, and turboquant's codebook alone a
 corrections); the peers are TurboQuant (fused-turboquant's TurboQuantMSE, CPU path, given GEAR's
 streaming buffer; see benchmarks/turboquant_cache.py) and transformers' QuantizedCache with
 quanto and HQQ. For each budget, the pick is the project config with the lowest KL among those
-that fit it; it is written, with the best peer under the same budget, to `--json`
-(benchmarks/frontier.json), whose `options` build the config with GearConfig.from_options.
+that fit it; with `--needle-check N`, among those that also keep every needle the exact model
+finds in RULER's niah_single_1 documents 1-N at --length tokens (answering greedily; configs are
+tried in order of KL, and where none keeps them all, the one that keeps the most is the pick),
+so that a pick faithful on CoT prompts does not lose what a long context holds. It is written,
+with the best peer under the same budget, to `--json` (benchmarks/frontier.json), whose
+`options` build the config with GearConfig.from_options.
 `--recheck benchmarks/frontier.json --first 8` measures those picks again on other prompts,
 beside the peers and the best plain KIVI configs, and tables them the same way; `--configs`
 measures the configs it lists (after the picks, with --recheck) beside the peers.
@@ -55,6 +59,7 @@ from lm_eval_gear.cache import model_head_dim
 from lm_eval_gear.calibration import compressed_bits, forced_logits, prefill
 from lm_eval_gear.compat import cache_kwarg
 from lm_eval_gear.fidelity import agreement, exact_run
+from lm_eval_gear.smollm2 import smollm2_tokenizer_dir
 from lm_eval_gear.tasks import gear_cot
 from benchmarks.fidelity import stored_bytes
 from benchmarks.smollm2 import DEFAULT_DATA_DIR, load_smollm2
@@ -179,9 +184,14 @@ def generated(model, entry, kv, first_logits: torch.Tensor, tokens: int) -> torc
     return torch.cat(out)
 
 
+def found_needles(text: str, needles: list[str]) -> set[str]:
+    """The needles an answer holds, matched as RULER's string_match_all matches them."""
+    return {n for n in needles if n.lower() in text.lower()}
+
+
 def needles_found(text: str, needles: list[str]) -> float:
     """RULER's string_match_all on one answer: the share of the needles the text holds."""
-    return sum(n.lower() in text.lower() for n in needles) / len(needles)
+    return len(found_needles(text, needles)) / len(needles)
 
 
 def niah_prompts(tokenizer_dir: str, length: int, first: int, count: int) -> list[tuple[str, list[str]]]:
@@ -244,34 +254,83 @@ def sweep(model, tokenizer, prompts: list[str], entries, tokens: int,
     return rows
 
 
+class NeedleCheck:
+    """--needle-check: whether a cache keeps the needles of a long context. RULER's niah_single_1
+    documents [0, count) at `length` tokens, each prefilled once by the exact model (their keys
+    and values held for every cache: about 0.2 GB a 4k document on SmolLM2); `kept(name, entry)`
+    is the share of the needles the exact model's greedy answers hold that the entry's answers
+    hold too (1.0: every one), measured once a name and kept in `measured`."""
+
+    def __init__(self, model, tokenizer, tokenizer_dir: str, length: int, count: int):
+        self.model, self.tokenizer = model, tokenizer
+        self.docs = []
+        for prompt, needles in niah_prompts(tokenizer_dir, length, 0, count):
+            kv, first = prefill(model, tokenizer(prompt, return_tensors="pt").input_ids)
+            self.docs.append((kv, first, needles))
+        self.exact = self._found("exact")
+        if not any(self.exact):
+            raise SystemExit(f"--needle-check: the exact model finds no needle in the {count} documents at {length} "
+                             "tokens, so no cache can be told apart by them; give more documents or a shorter --length")
+        self.measured: dict[str, float] = {}
+
+    def _found(self, entry) -> list[set[str]]:
+        return [found_needles(self.tokenizer.decode(generated(self.model, entry, kv, first, NEEDLE_TOKENS)), needles)
+                for kv, first, needles in self.docs]
+
+    def kept(self, name: str, entry) -> float:
+        if name not in self.measured:
+            found = self._found(entry)
+            self.measured[name] = sum(len(f & e) for f, e in zip(found, self.exact)) / sum(map(len, self.exact))
+            print(f"needle check: {name} keeps {self.measured[name]:.2f} of the exact model's needles", flush=True)
+        return self.measured[name]
+
+
 # ------------------------------------------------------------------ picks and output
 
 
-def picks(rows: dict[str, dict], budgets=BUDGETS, chosen: dict[float, str] | None = None) -> list[dict]:
+def _ours_fitting(rows: dict[str, dict], budget: float) -> list[str]:
+    """The project configs a pick for the budget may be: storing at most it + SLACK - RESERVE on every prompt."""
+    return [n for n, r in rows.items() if r["options"] is not None and r["stored_bits_max"] <= budget + SLACK - RESERVE]
+
+
+def needle_picks(rows: dict[str, dict], kept, budgets=BUDGETS) -> dict[float, str]:
+    """Per budget: of the project configs that fit it, the lowest-KL one that keeps every needle
+    (kept(name) == 1.0, measured lazily, in order of KL), or, where none does, the one that keeps
+    the most (the lowest KL among those)."""
+    chosen = {}
+    for budget in budgets:
+        fitting = sorted(_ours_fitting(rows, budget), key=lambda n: rows[n]["kl"])
+        chosen_here = next((n for n in fitting if kept(n) == 1.0), None)
+        if chosen_here is None and fitting:
+            chosen_here = max(fitting, key=lambda n: (kept(n), -rows[n]["kl"]))
+        if chosen_here is not None:
+            chosen[budget] = chosen_here
+    return chosen
+
+
+def picks(rows: dict[str, dict], budgets=BUDGETS, chosen: dict[float, str] | None = None, kept=None) -> list[dict]:
     """Per budget: the project's lowest-KL config storing no more than it + SLACK - RESERVE on
-    every prompt, or the one `chosen` names for it (a recheck), and the best peer (TurboQuant,
-    quanto, HQQ) and the best plain KIVI config (no rotation, one bit width) storing no more than
-    the budget + SLACK."""
+    every prompt, or the one `chosen` names for it (needle_picks, a recheck), and the best peer
+    (TurboQuant, quanto, HQQ) and the best plain KIVI config (no rotation, one bit width) storing
+    no more than the budget + SLACK; with `kept` (NeedleCheck), each one's share of the needles kept."""
     def best(names):
         return min(names, key=lambda n: rows[n]["kl"], default=None)
+
+    def figures(name, keys):
+        return {k: rows[name][k] for k in keys if k in rows[name]} | ({} if kept is None else {"needles_kept": kept(name)})
 
     out = []
     for budget in budgets:
         fits = [n for n, r in rows.items() if r["stored_bits_max"] <= budget + SLACK]
-        if chosen is None:
-            ours = best([n for n in fits if rows[n]["options"] is not None
-                         and rows[n]["stored_bits_max"] <= budget + SLACK - RESERVE])
-        else:
-            ours = chosen.get(budget)
+        ours = best(_ours_fitting(rows, budget)) if chosen is None else chosen.get(budget)
         peer = best([n for n in fits if rows[n]["peer"] is not None])
         kivi = best([n for n in fits if _plain_kivi(rows[n]["options"])])
         entry = {"budget_bits": budget}
         if ours is not None:
-            entry |= {key: rows[ours][key] for key in ("options", "stored_bits", "stored_bits_max", "kl", "top1", "needles")
-                      if key in rows[ours]}
+            entry |= figures(ours, ("options", "stored_bits", "stored_bits_max", "kl", "top1", "needles"))
         for key, name in (("best_peer", peer), ("best_plain_kivi", kivi)):
             if name is not None:
-                entry[key] = {k: rows[name][k] for k in ("stored_bits", "kl", "needles") if k in rows[name]} | {"name": name}
+                entry[key] = figures(name, ("stored_bits", "kl", "needles")) | {"name": name}
         out.append(entry)
     return out
 
@@ -310,10 +369,11 @@ def table(rows: dict[str, dict]) -> str:
 
 
 def picks_table(chosen: list[dict]) -> str:
-    """The picks beside the best peer and plain KIVI config; with needles (--task niah), each
-    one's share of needles found after its KL."""
-    needles = any("needles" in p for p in chosen)
-    found = lambda r: f", {r['needles']:.2f}" if needles else ""  # noqa: E731
+    """The picks beside the best peer and plain KIVI config; with needles (--task niah: the share
+    found; --needle-check: the share of the exact model's kept), each one's after its KL."""
+    share = next((k for k in ("needles", "needles_kept") if any(k in p for p in chosen)), None)
+    needles = share is not None
+    found = lambda r: f", {r[share]:.2f}" if needles else ""  # noqa: E731
     lines = [f"| budget | pick | stored bits (most on a prompt) | KL{', needles' if needles else ''} "
              f"| best peer (KL{', needles' if needles else ''}) | pick / peer "
              f"| best plain kivi (KL{', needles' if needles else ''}) | pick / kivi |", "|---:|---|---:|---:|---|---:|---|---:|"]
@@ -396,7 +456,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="folder laid out like ../shared/data")
     parser.add_argument("--task", default="gsm8k", help="gsm8k, aqua or bbh:<subtask> (the paper's CoT prompts), or "
                         "niah (RULER's niah_single_1 at --length tokens: needles found too)")
-    parser.add_argument("--length", type=int, default=4096, help="RULER's max_seq_length, with --task niah")
+    parser.add_argument("--length", type=int, default=4096, help="RULER's max_seq_length, with --task niah "
+                        "or --needle-check")
+    parser.add_argument("--needle-check", type=int, default=0, metavar="N", help="choose each budget's pick among the "
+                        "configs that keep every needle the exact model finds in RULER's niah_single_1 documents 1-N")
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--first", type=int, default=0, help="skip this many questions")
     parser.add_argument("--tokens", type=int, default=64)
@@ -410,12 +473,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.questions, args.tokens = 1, 8
+    if args.needle_check < 0:
+        parser.error(f"--needle-check {args.needle_check}: give a number of documents, e.g. --needle-check 16")
     model, tokenizer = load_model(args.pretrained)
+    tokenizer_dir = args.pretrained or str(smollm2_tokenizer_dir())
     needles = None
     if args.task == "niah":
-        from lm_eval_gear.smollm2 import smollm2_tokenizer_dir
-
-        docs = niah_prompts(args.pretrained or str(smollm2_tokenizer_dir()), args.length, args.first, args.questions)
+        docs = niah_prompts(tokenizer_dir, args.length, args.first, args.questions)
         prompts, needles = [p for p, _ in docs], [n for _, n in docs]
     else:
         prompts = task_prompts(args.task, args.data, args.first, args.questions)
@@ -429,19 +493,34 @@ def main() -> None:
     entries = grid + list(peers)
     began = time.perf_counter()
     rows = sweep(model, tokenizer, prompts, entries, args.tokens, needles)
-    chosen = picks(rows, chosen=earlier)
+    check, kept = None, None
+    if args.needle_check:
+        check = NeedleCheck(model, tokenizer, tokenizer_dir, args.length, args.needle_check)
+
+        def kept(name):
+            return check.kept(name, rows[name]["options"] or rows[name]["peer"])
+
+        if earlier is None:
+            earlier = needle_picks(rows, kept)
+    chosen = picks(rows, chosen=earlier, kept=kept)
     name = args.pretrained or "SmolLM2-135M-Instruct (embedded)"
     what = f"RULER niah_single_1 at {args.length} tokens, documents" if needles else f"{args.task} questions"
     print(f"\n{name}, fp32, {what} {args.first + 1}-{args.first + len(prompts)}, "
           f"{args.tokens} forced tokens{f', {NEEDLE_TOKENS}-token greedy answers' if needles else ''}, buffer {BUFFER}, "
           f"torch {torch.__version__}, "
-          f"{time.perf_counter() - began:.0f} s\n")
+          f"{time.perf_counter() - began:.0f} s"
+          + (f"; needles kept: niah_single_1 documents 1-{args.needle_check} at {args.length} tokens" if check else "")
+          + "\n")
     print(table(rows) + "\n\n" + picks_table(chosen))
     if args.json is None and not args.smoke and args.recheck is None and not args.configs and args.task == "gsm8k":
         args.json = Path(__file__).with_name("frontier.json")
     if args.json is not None:
-        args.json.write_text(json.dumps({"model": name, "task": args.task, "questions": [args.first, args.first + len(prompts)],
-                                         "tokens": args.tokens, "budgets": chosen, "rows": rows}, indent=1) + "\n")
+        written = {"model": name, "task": args.task, "questions": [args.first, args.first + len(prompts)],
+                   "tokens": args.tokens, "budgets": chosen, "rows": rows}
+        if check is not None:
+            written["needle_check"] = {"task": "niah_single_1", "length": args.length, "documents": args.needle_check,
+                                       "kept": check.measured}
+        args.json.write_text(json.dumps(written, indent=1) + "\n")
     if args.plot:
         plot(rows, chosen, args.plot)
 

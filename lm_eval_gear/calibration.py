@@ -2,8 +2,8 @@
 
 Which config is the most faithful at a given number of stored bits depends on the model (a
 rotation that helps SmolLM2 hurts a model with other outlier channels), so gear-hf can choose
-it at start: every candidate (a small grid over the levers of benchmarks/frontier.py: code
-widths for keys and values, group size, rotation, one attention sink) compresses the same exact
+it at start: every candidate (a small grid over the levers of benchmarks/frontier.py: the
+quantizer, code widths for keys and values, group size, rotation, one attention sink) compresses the same exact
 prompt keys and values and is teacher-forced along the exact model's greedy continuation; the
 pick is the candidate with the lowest mean KL(exact || cache) among those that stored no more
 than B bits on every prompt (every candidate is measured on the first prompt, the KEEP most
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from gear_kernels import GearConfig
+from gear_kernels import GearConfig, compress
+from gear_kernels.quantizers import QUANTIZERS
 
 from .compat import cache_kwarg
 from .fidelity import agreement, exact_run
@@ -35,6 +36,8 @@ SLACK = 0.05  # bits a candidate may store beyond the budget (a partial group on
 TOKENS = 32  # forced tokens a prompt
 KEEP = 6  # candidates measured beyond the first prompt: its lowest-KL ones
 LONG_PROMPT_TOKENS = 2048
+BACKBONES = ("kivi", "turboquant")  # the quantizers tried: uniform codes in KIVI's layout, TurboQuant's codebook
+GROUP_SIZES = (64, 80, 128)  # of a backbone that takes groups
 HAYSTACK = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "One of the special magic numbers for {key} is: {value}. "
 QUESTION = ("What is the special magic number for {key} mentioned in the provided text? "
@@ -62,22 +65,32 @@ class Calibration:
 
 
 def estimated_bits(options: dict, head_dim: int) -> float:
-    """A kivi config's stored bits a K/V element, before it is measured: the codes' mean width and
-    one fp16 scale and zero point a group (keys grouped over tokens, values over channels, at
-    most head_dim of them; sinks left out)."""
-    group = options["group_size"]
-    return (options["key_bits"] + options["value_bits"]) / 2 + (32 / group + 32 / min(group, head_dim)) / 2
+    """A config's stored bits a K/V element before it is measured on the model: what its codec
+    stores for a block of random keys and values (a whole number of every grid group; sinks left
+    out), so any quantizer's table of stored tensors counts as it is."""
+    block = torch.randn(1, 1, math.lcm(*GROUP_SIZES), head_dim, generator=torch.Generator().manual_seed(0))
+    config = GearConfig.from_options(options)
+    return 8 * sum(compress(block, config, kind).nbytes() for kind in ("key", "value")) / (2 * block.numel())
 
 
 def grid(rotation: bool = True) -> list[dict]:
-    """Every config calibration may try: kivi codes of 2, 3 or 4 bits (keys at least as wide as
-    values), groups of 64, 80 or 128, with and without the Hadamard rotation (rotation=False: the
-    model's head_dim is not a power of two), with no sink or one."""
-    return [{"method": "kivi", "key_bits": key_bits, "value_bits": value_bits, "group_size": group,
-             "rotation": "hadamard" if rotated else "none", "sink_tokens": sinks}
-            for (key_bits, value_bits), group, rotated, sinks in itertools.product(
-                [(k, v) for k in (2, 3, 4) for v in (2, 3, 4) if k >= v], (64, 80, 128),
-                (False, True) if rotation else (False,), (0, 1))]
+    """Every config calibration may try: kivi's uniform codes (groups of 64, 80 or 128), with and
+    without the Hadamard rotation, and TurboQuant's codebook (no groups), rotated as its design
+    needs; keys of 2, 3 or 4 bits and values as wide or narrower; with no sink or one.
+    rotation=False (the model's head_dim is not a power of two): unrotated configs only."""
+    splits = [(k, v) for k in (2, 3, 4) for v in (2, 3, 4) if k >= v]
+    out = []
+    for backbone in BACKBONES:
+        quantizer = QUANTIZERS[backbone]
+        rotations = ("none", "hadamard") if quantizer.rotation == "none" else (quantizer.rotation,)
+        rotations = [r for r in rotations if rotation or r == "none"]
+        codes = {} if backbone == "kivi" else {"backbone": backbone}
+        for (key_bits, value_bits), group, rotated, sinks in itertools.product(
+                splits, GROUP_SIZES if quantizer.grouped else (None,), rotations, (0, 1)):
+            grouped = {} if group is None else {"group_size": group}
+            out.append({"method": "kivi", **codes, "key_bits": key_bits, "value_bits": value_bits, **grouped,
+                        "rotation": rotated, "sink_tokens": sinks})
+    return out
 
 
 def candidates(budget: float, head_dim: int, rotation: bool = True) -> list[dict]:

@@ -43,17 +43,27 @@ def test_frontier_smoke(tmp_path):
     from gear_kernels import GearConfig
 
     picks = tmp_path / "frontier.json"
-    run = subprocess.run([sys.executable, "-m", "benchmarks.frontier", "--smoke", "--json", str(picks)],
+    run = subprocess.run([sys.executable, "-m", "benchmarks.frontier", "--smoke", "--json", str(picks),
+                          "--needle-check", "2", "--length", "1024"],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     written = json.loads(picks.read_text())
     assert [b["budget_bits"] for b in written["budgets"]] == [2.5, 3.0, 3.5, 4.5]
     rows = written["rows"]
     assert len(rows) == 4 and all(r["kl"] > 0 and 0 <= r["top1"] <= 1 and r["stored_bits"] > 2 for r in rows.values())
+    # --needle-check: every pick, best peer and best plain kivi config carries the share of the
+    # exact model's needles it keeps, as measured (once a config) in `needle_check`
+    check = written["needle_check"]
+    assert (check["task"], check["length"], check["documents"]) == ("niah_single_1", 1024, 2)
     for budget in written["budgets"]:
         if "options" in budget:
             assert budget["stored_bits"] <= budget["budget_bits"] + 0.05
             GearConfig.from_options(budget["options"])
+            assert budget["needles_kept"] == check["kept"][" ".join(f"{k}={v}" for k, v in budget["options"].items())]
+        for other in (budget.get("best_peer"), budget.get("best_plain_kivi")):
+            if other is not None:
+                assert other["needles_kept"] == check["kept"][other["name"]]
+    assert all(0 <= kept <= 1 for kept in check["kept"].values())
     # --recheck: the same picks measured again on a question of another task, beside the peers,
     # and a config named with --configs after them
     again = tmp_path / "recheck.json"
@@ -70,6 +80,33 @@ def test_frontier_smoke(tmp_path):
     named = "method=kivi key_bits=2 value_bits=3"
     assert set(rechecked["rows"]) - {named} <= set(rows) and rechecked["rows"][named]["kl"] > 0
     assert rechecked["rows"] != rows  # other prompts, other figures
+
+
+def test_needle_picks_take_the_lowest_kl_config_that_keeps_every_needle():
+    """--needle-check's rule on made-up rows: per budget, configs are tried in order of KL until
+    one keeps every needle (none measured beyond it); where none does, the one keeping the most;
+    peers and configs over the budget are never picks."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.frontier import needle_picks
+
+    def row(kl, bits, peer=None):
+        return {"options": None if peer else {"method": "kivi"}, "peer": peer, "kl": kl, "stored_bits_max": bits}
+
+    rows = {"a": row(0.1, 2.4), "b": row(0.2, 2.4), "c": row(0.3, 2.45), "d": row(0.05, 3.0),
+            "e": row(0.01, 3.4), "peer": row(0.001, 2.0, peer="turboquant-2")}
+    shares = {"a": 0.5, "b": 1.0, "c": 1.0, "d": 1.0, "e": 0.75}
+    asked = []
+
+    def kept(name):
+        asked.append(name)
+        return shares[name]
+
+    assert needle_picks(rows, kept, budgets=(2.5, 3.0)) == {2.5: "b", 3.0: "d"}
+    assert asked == ["a", "b", "d"]  # c is never measured: b, before it, keeps every needle
+    shares |= {"b": 0.5, "c": 0.75, "d": 0.25}
+    assert needle_picks(rows, shares.get, budgets=(2.5, 2.0)) == {2.5: "c"}  # the most kept; nothing fits 2.0
+    shares["a"] = 0.75
+    assert needle_picks(rows, shares.get, budgets=(2.5,)) == {2.5: "a"}  # a tie in needles: the lower KL
 
 
 def test_frontier_refuses_configs_that_are_not_options():

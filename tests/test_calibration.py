@@ -29,20 +29,25 @@ def test_candidates_are_configs_estimated_within_a_bit_under_the_budget(budget):
         assert budget - 1 <= calibration.estimated_bits(options, 64) <= budget
         assert options["key_bits"] >= options["value_bits"]
     assert {o["rotation"] for o in grid} == {"none", "hadamard"}
-    assert {o["rotation"] for o in calibration.candidates(budget, 64, rotation=False)} == {"none"}
+    assert {o.get("backbone", "kivi") for o in grid} == {"kivi", "turboquant"}
+    assert all(o["rotation"] == "hadamard" for o in grid if "backbone" in o)  # TurboQuant's codebook assumes it
+    unrotated = calibration.candidates(budget, 64, rotation=False)
+    assert {o["rotation"] for o in unrotated} == {"none"} and not any("backbone" in o for o in unrotated)
 
 
-def test_the_estimate_is_what_a_long_chunk_stores():
-    """Estimated bits against a compressed chunk's bytes, away from partial groups (640 tokens)."""
-    import torch
-
-    from gear_kernels import compress
-
-    for options in calibration.candidates(3.0, 64):
-        config = GearConfig.from_options(options)
-        x = torch.randn(1, 2, 640, 64)
-        stored = sum(compress(x, config, kind).nbytes() for kind in ("key", "value"))
-        assert 8 * stored / (2 * x.numel()) == pytest.approx(calibration.estimated_bits(options, 64)), options
+@pytest.mark.parametrize(("options", "bits"), [
+    ({"method": "kivi", "key_bits": 3, "value_bits": 2, "group_size": 80, "rotation": "hadamard", "sink_tokens": 1},
+     (3 + 2) / 2 + (32 / 80 + 32 / 64) / 2),
+    ({"method": "kivi", "key_bits": 4, "value_bits": 4, "group_size": 128, "rotation": "none", "sink_tokens": 0},
+     4 + (32 / 128 + 32 / 64) / 2),
+    ({"method": "kivi", "backbone": "turboquant", "key_bits": 3, "value_bits": 2, "rotation": "hadamard",
+      "sink_tokens": 0}, (3 + 2) / 2 + 16 / 64),
+])
+def test_the_estimate_counts_the_codes_and_their_scales(options, bits):
+    """kivi: the codes and an fp16 scale and zero point a group (keys grouped over group_size
+    tokens, values over at most head_dim channels); turboquant: the codes and an fp16 norm a
+    vector. Sinks are left out."""
+    assert calibration.estimated_bits(options, 64) == pytest.approx(bits)
 
 
 def test_the_long_prompt_holds_its_needle_in_its_middle(tiny):
@@ -78,7 +83,7 @@ def test_a_budget_no_candidate_fits_names_the_least_that_does(tiny):
     from lm_eval_gear.model import GearHFLM
 
     with pytest.raises(GearConfigError, match=r"budget=2.5: no candidate stores so few bits on this model "
-                       r"\(head_dim 16\); give budget >= 3\.13"):
+                       r"\(head_dim 16\); give budget >= 3\.00"):
         GearHFLM(pretrained=tiny, device="cpu", batch_size=1, budget=2.5)
 
 
