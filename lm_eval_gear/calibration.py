@@ -1,14 +1,14 @@
 """budget=B: the most faithful config that stores at most B bits a K/V element, on this model.
 
 Which config is the most faithful at a given number of stored bits depends on the model (a
-rotation that helps SmolLM2 hurts a model with other outlier channels), so gear-hf can choose
-it at start: every candidate (a small grid over the levers of benchmarks/frontier.py: the
-quantizer, code widths for keys and values, group size, rotation, one attention sink) compresses the same exact
-prompt keys and values and is teacher-forced along the exact model's greedy continuation; the
-pick is the candidate with the lowest mean KL(exact || cache) among those that stored no more
-than B bits on every prompt (every candidate is measured on the first prompt, the KEEP most
-faithful of them on the others). The prompts ship with the package: the paper's 8-shot GSM8K prompt
-for two test questions (the last two: the frontier sweeps the first) and one long
+rotation that helps SmolLM2 hurts a model with other outlier channels), so gear-hf can choose it
+at start: every candidate (a small grid over the levers of benchmarks/frontier.py: the
+quantizer, code widths for keys and values, group size, rotation, one attention sink) compresses
+the same exact prompt keys and values and is teacher-forced along the exact model's greedy
+continuation; the pick is the candidate with the lowest mean KL(exact || cache) among those that
+stored no more than B bits on every prompt (every candidate is measured on the first prompt, the
+KEEP most faithful of them on the others). The prompts ship with the package: the paper's 8-shot
+GSM8K prompt for two test questions (the last two: the frontier sweeps the first) and one long
 needle-in-a-haystack prompt (RULER's "repeat" haystack, built here, no download). The cost is
 one prefill and one greedy continuation a prompt, then one compression and one short forward a
 candidate measured on it: at most len(candidates) + 2 * KEEP of those; `calibrate` reports its
