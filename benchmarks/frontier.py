@@ -476,7 +476,9 @@ def main() -> None:
     if args.needle_check < 0:
         parser.error(f"--needle-check {args.needle_check}: give a number of documents, e.g. --needle-check 16")
     model, tokenizer = load_model(args.pretrained)
-    tokenizer_dir = args.pretrained or str(smollm2_tokenizer_dir())
+    # RULER builds its documents with the model's tokenizer, named by folder (the embedded one saved once)
+    ruler = args.task == "niah" or args.needle_check
+    tokenizer_dir = args.pretrained or (str(smollm2_tokenizer_dir()) if ruler else None)
     needles = None
     if args.task == "niah":
         docs = niah_prompts(tokenizer_dir, args.length, args.first, args.questions)
